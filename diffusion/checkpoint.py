@@ -1,0 +1,98 @@
+"""Checkpoints: one plain dict per file, written atomically and read without running code."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import diffusion
+
+FORMAT_VERSION = 1
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when the package runs from a checkout."""
+    version = diffusion.__version__
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(diffusion.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}+{commit}" if commit else version
+
+
+def save_checkpoint(state: dict, path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically: a temporary file, flushed to disk, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint with ``weights_only=True``, so loading it can't execute code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist: pass the path of a .pt file")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{str(path)!r} is not a checkpoint of this platform (no 'model' entry)")
+    if state.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{str(path)!r} has format version {state['format_version']}, newer than this code's "
+            f"{FORMAT_VERSION}: upgrade the package to read it"
+        )
+    return state
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str = "weights") -> None:
+    """Load a state dict strictly, raising an error that lists every missing, unexpected or misshapen key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    misshapen = sorted(
+        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}"
+        for key in set(own) & set(state_dict)
+        if own[key].shape != state_dict[key].shape
+    )
+    if missing or unexpected or misshapen:
+        lines = [f"the checkpoint's {what} do not fit this model (is it another architecture or size?)"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshapen)):
+            if keys:
+                shown = ", ".join(keys[:10]) + (f", ... ({len(keys) - 10} more)" if len(keys) > 10 else "")
+                lines.append(f"  {title} ({len(keys)}): {shown}")
+        lines.append("  build the model with the config the checkpoint was trained with (model=...)")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def rng_state() -> dict:
+    """Every global random state a training step touches."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,39 @@
+"""Helpers shared by the Hydra entry points."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+def check_targets(node: Any, allowed: tuple[str, ...] = ("diffusion.",), where: str = "config") -> None:
+    """Refuse to instantiate a ``_target_`` outside this package (a checkpoint's config must not run other code)."""
+    if isinstance(node, DictConfig):
+        target = node.get("_target_")
+        if target is not None and not str(target).startswith(allowed):
+            raise ValueError(f"{where} names _target_ {target!r}, outside {allowed}: refusing to instantiate it")
+        for key in node:
+            check_targets(node[key], allowed, f"{where}.{key}")
+    elif isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            check_targets(item, allowed, f"{where}[{i}]")
+
+
+def instantiate_from_checkpoint_config(config_yaml: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Rebuild the named components (``model``, ``schedule``...) from a checkpoint's stored config."""
+    if not config_yaml:
+        raise ValueError("the checkpoint holds no config: it cannot rebuild its model; pass a checkpoint of this platform")
+    cfg = OmegaConf.create(config_yaml)
+    components = {}
+    for key in keys:
+        if key not in cfg:
+            raise ValueError(f"the checkpoint's config has no '{key}' section")
+        check_targets(cfg[key], where=key)
+        components[key] = instantiate(cfg[key])
+    return components
+
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")

@@ -1,0 +1,50 @@
+"""scikit-learn's handwritten digits (1,797 images of 8x8, 10 classes), shipped inside the package."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+
+class DigitsDataset(Dataset):
+    """The digits scaled to ``image_size`` (bilinear) and to [-1, 1]; nothing is downloaded.
+
+    Args:
+        image_size: side of the images, a multiple of 8 (16 or 32 are typical).
+        channels: 1 for grayscale or 3 for RGB copies of it.
+        random_flip: digits are not mirror-symmetric, so this defaults to False.
+    """
+
+    def __init__(self, image_size: int = 16, channels: int = 1, random_flip: bool = False) -> None:
+        from sklearn.datasets import load_digits
+
+        if channels not in (1, 3):
+            raise ValueError(f"dataset.channels must be 1 or 3, got {channels}")
+        if image_size < 8:
+            raise ValueError(f"dataset.image_size must be at least 8 for the 8x8 digits, got {image_size}")
+        digits = load_digits()
+        images = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        self.images = (images.clamp(0, 1) * 2 - 1).expand(-1, channels, -1, -1).contiguous()
+        self.labels = torch.as_tensor(digits.target, dtype=torch.long)
+        self.classes = [str(i) for i in range(10)]
+        self.image_size = image_size
+        self.channels = channels
+        self.random_flip = random_flip
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (10)."""
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch at once: one indexing operation instead of a collate."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[index], self.labels[index]

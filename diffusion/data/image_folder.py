@@ -1,0 +1,99 @@
+"""A folder of images, one sub-folder per class, in every format Pillow reads."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {
+    ".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp", ".jfif", ".tga",
+}
+
+
+class ImageFolderDataset(Dataset):
+    """Images under ``root/<class>/``, labelled by the sorted class-folder names.
+
+    Images lying directly in ``root`` form a single unnamed class. Each image is converted to RGB
+    (``channels=3``) or grayscale (``channels=1``), resized on its shorter side to ``image_size``,
+    centre-cropped to a square and scaled to [-1, 1]. A file that cannot be decoded is skipped (the
+    next readable image takes its place) and counted.
+
+    Args:
+        root: the data folder.
+        image_size: side of the square training images.
+        channels: 3 (RGB) or 1 (grayscale).
+        random_flip: flip images horizontally at random during training.
+    """
+
+    def __init__(self, root: str, image_size: int = 64, channels: int = 3, random_flip: bool = True) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"dataset.channels must be 1 or 3, got {channels}")
+        if root is None or str(root) in ("", "???"):
+            raise ValueError("dataset.root is not set: run with dataset.root=/path/to/images")
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"dataset.root '{self.root}' does not exist or is not a folder: "
+                "point dataset.root at a folder holding one sub-folder of images per class"
+            )
+        self.image_size = image_size
+        self.channels = channels
+        self.random_flip = random_flip
+        class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.samples: list[tuple[Path, int]] = []
+        self.classes: list[str] = []
+        for class_dir in class_dirs:
+            files = _image_files(class_dir, recursive=True)
+            if files:
+                self.samples += [(f, len(self.classes)) for f in files]
+                self.classes.append(class_dir.name)
+        if not self.samples:
+            files = _image_files(self.root, recursive=False)
+            self.samples = [(f, 0) for f in files]
+            self.classes = [self.root.name] if files else []
+        if not self.samples:
+            raise ValueError(
+                f"dataset.root '{self.root}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): "
+                "put them in one sub-folder per class, e.g. root/cats/001.jpg"
+            )
+        self.skipped: set[int] = set()
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class folders."""
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, path: Path) -> torch.Tensor:
+        """Decode, convert, resize on the shorter side, centre-crop, scale to [-1, 1]."""
+        with Image.open(path) as image:
+            image = image.convert("RGB" if self.channels == 3 else "L")
+            image = TF.resize(image, self.image_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+            image = TF.center_crop(image, self.image_size)
+            return TF.to_tensor(image) * 2 - 1
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for offset in range(len(self.samples)):
+            i = (index + offset) % len(self.samples)
+            path, label = self.samples[i]
+            try:
+                return self.load(path), label
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+                if i not in self.skipped:
+                    self.skipped.add(i)
+                    log.warning("skipping unreadable image %s (%s); %d skipped so far", path, error, len(self.skipped))
+        raise ValueError(f"no image under dataset.root '{self.root}' could be read")
+
+
+def _image_files(folder: Path, recursive: bool) -> list[Path]:
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())

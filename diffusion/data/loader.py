@@ -1,0 +1,70 @@
+"""A data loader whose order depends only on (seed, epoch), so a run can resume mid-epoch exactly."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Shuffled full batches: epoch e is a permutation drawn from ``seed + e``, started at ``start_batch``."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0) -> None:
+        if num_items < batch_size:
+            raise ValueError(
+                f"the data set has {num_items} images, fewer than one batch of {batch_size}: "
+                "lower trainer.batch_size or add images"
+            )
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        """Iterate epoch ``epoch`` from its batch ``start_batch`` on."""
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return self.num_items // self.batch_size - self.start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        for b in range(self.start_batch, self.num_items // self.batch_size):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    """Workers leave Ctrl-C to the main process, which saves a checkpoint before it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _already_batched(batch):
+    """Collate for data sets whose ``__getitems__`` returns a whole batch."""
+    return batch
+
+
+def build_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader over ``EpochBatchSampler``; its workers' seeds come from a fixed generator, not the global RNG."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_ignore_sigint if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=_already_batched if hasattr(dataset, "__getitems__") else None,
+    )
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)

@@ -1,0 +1,5 @@
+"""Denoising networks."""
+
+from diffusion.models.unet import UNet
+
+__all__ = ["UNet"]

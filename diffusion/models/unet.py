@@ -1,0 +1,162 @@
+"""The UNet denoiser (Ho et al. 2020; Dhariwal & Nichol 2021), configurable in width, depth and attention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusion.models.layers import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, sinusoidal_embedding, zero_init
+
+
+class UNet(nn.Module):
+    """A UNet over ``image_size`` x ``image_size`` images, conditioned on the timestep and optionally a class.
+
+    Args:
+        image_size: side of the square images it is built for; every level must divide it.
+        in_channels: channels of the noisy image.
+        out_channels: channels of the prediction (defaults to ``in_channels``).
+        base_channels: channels of the first level.
+        channel_mult: one multiplier of ``base_channels`` per level; each level after the first halves
+            the resolution.
+        num_res_blocks: residual blocks per level.
+        attention_resolutions: feature-map sides (in pixels) at which self-attention is applied.
+        num_heads: attention heads.
+        dropout: dropout inside the residual blocks.
+        num_classes: number of classes for a class embedding, or ``None`` for an unconditional model.
+            Index ``num_classes`` is reserved as the "no class" label used for classifier-free guidance.
+        time_embed_dropout: dropout on the sinusoidal time embedding (the seed's network used 0.1).
+        norm_groups: GroupNorm groups (reduced to a divisor of the channel count where needed).
+        cond_channels: extra input channels concatenated to the noisy image (e.g. a low-resolution
+            image for super-resolution).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        base_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        num_heads: int = 4,
+        dropout: float = 0.0,
+        num_classes: int | None = None,
+        time_embed_dropout: float = 0.0,
+        norm_groups: int = 32,
+        cond_channels: int = 0,
+    ) -> None:
+        super().__init__()
+        channel_mult = tuple(channel_mult)
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.out_channels = out_channels or in_channels
+        self.cond_channels = cond_channels
+        self.num_classes = num_classes
+        self.downsampling_factor = 2 ** (len(channel_mult) - 1)
+        self.check_image_size(image_size, image_size)
+        unknown = sorted(set(attention_resolutions) - {image_size // 2**i for i in range(len(channel_mult))})
+        if unknown:
+            raise ValueError(
+                f"model.attention_resolutions {unknown} match no level of a {image_size}x{image_size} UNet "
+                f"with {len(channel_mult)} levels; choose from {[image_size // 2**i for i in range(len(channel_mult))]} "
+                f"(model.attention_resolutions=[...]) or a model made for this size"
+            )
+
+        emb_dim = 4 * base_channels
+        self.time_dim = base_channels
+        self.time_embed_dropout = nn.Dropout(time_embed_dropout)
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+
+        self.input_conv = nn.Conv2d(in_channels + cond_channels, base_channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_channels = [base_channels]
+        channels, resolution = base_channels, image_size
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                block = nn.ModuleList([ResBlock(channels, base_channels * mult, emb_dim, dropout, norm_groups)])
+                channels = base_channels * mult
+                if resolution in attention_resolutions:
+                    block.append(AttentionBlock(channels, num_heads, norm_groups))
+                self.down.append(block)
+                skip_channels.append(channels)
+            if level != len(channel_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(channels)]))
+                skip_channels.append(channels)
+                resolution //= 2
+
+        self.mid = nn.ModuleList(
+            [
+                ResBlock(channels, channels, emb_dim, dropout, norm_groups),
+                AttentionBlock(channels, num_heads, norm_groups),
+                ResBlock(channels, channels, emb_dim, dropout, norm_groups),
+            ]
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                block = nn.ModuleList(
+                    [ResBlock(channels + skip_channels.pop(), base_channels * mult, emb_dim, dropout, norm_groups)]
+                )
+                channels = base_channels * mult
+                if resolution in attention_resolutions:
+                    block.append(AttentionBlock(channels, num_heads, norm_groups))
+                if level and i == num_res_blocks:
+                    block.append(Upsample(channels))
+                    resolution *= 2
+                self.up.append(block)
+
+        self.out = nn.Sequential(
+            group_norm(channels, norm_groups), nn.SiLU(), zero_init(nn.Conv2d(channels, self.out_channels, 3, padding=1))
+        )
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """Raise a ValueError naming the fix when the levels cannot divide the image."""
+        if height % self.downsampling_factor or width % self.downsampling_factor:
+            raise ValueError(
+                f"image size {height}x{width} cannot be halved {self.downsampling_factor.bit_length() - 1} times "
+                f"by this UNet: use an image size divisible by {self.downsampling_factor} "
+                f"(dataset.image_size) or fewer levels (model.channel_mult)"
+            )
+
+    def embed(self, t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """The conditioning vector: time embedding, plus the class embedding for conditional models."""
+        emb = self.time_mlp(self.time_embed_dropout(sinusoidal_embedding(t, self.time_dim)))
+        if self.class_embed is not None:
+            if class_labels is None:
+                class_labels = torch.full_like(t, self.num_classes, dtype=torch.long)
+            emb = emb + self.class_embed(class_labels)
+        return emb
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        x_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict from the noisy image ``x`` at timesteps ``t`` (one per image)."""
+        self.check_image_size(x.shape[-2], x.shape[-1])
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = self.embed(t, class_labels)
+        if self.cond_channels:
+            x = torch.cat([x, x_cond], dim=1)
+        h = self.input_conv(x)
+        skips = [h]
+        for block in self.down:
+            for layer in block:
+                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            skips.append(h)
+        for layer in self.mid:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        for block in self.up:
+            h = torch.cat([h, skips.pop()], dim=1)
+            for layer in block:
+                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return self.out(h)

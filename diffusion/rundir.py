@@ -1,0 +1,55 @@
+"""Where a run writes: a new timestamped folder, or the folder of the run being resumed."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+LAST = Path("checkpoints") / "last.pt"
+
+
+def run_dir_for(resume: str | None, task_dir: str) -> str:
+    """The run directory: ``task_dir/<timestamp>``, or with ``resume`` the run to continue.
+
+    ``resume=auto`` picks the newest run under ``task_dir`` that holds ``checkpoints/last.pt``;
+    ``resume=PATH`` takes a run directory or a checkpoint inside one.
+    """
+    fresh = str(Path(task_dir) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    if resume in (None, "", "null", "None"):
+        return fresh
+    if resume == "auto":
+        runs = sorted(p for p in Path(task_dir).glob("*") if (p / LAST).is_file()) if Path(task_dir).is_dir() else []
+        return str(runs[-1]) if runs else fresh
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"resume={resume!r} does not exist: pass a run directory, a checkpoint, or resume=auto")
+    if path.is_file():
+        return str(path.parent.parent) if path.parent.name == "checkpoints" else fresh
+    return str(path.parent) if path.name == "checkpoints" else str(path)
+
+
+def checkpoint_to_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint a run continues from, or ``None`` to start fresh."""
+    if resume in (None, "", "null", "None"):
+        return None
+    path = Path(resume)
+    if resume != "auto" and path.is_file():
+        return path
+    candidate = Path(output_dir) / LAST
+    if candidate.is_file():
+        return candidate
+    if resume == "auto":
+        log.info("resume=auto found no checkpoint to continue: starting a new run")
+        return None
+    raise FileNotFoundError(f"resume={resume!r}: no checkpoints/last.pt there to continue from")
+
+
+def register_resolvers() -> None:
+    """Make ``${diffusion_run_dir:resume,task_dir}`` available to the configs (once per process)."""
+    if not OmegaConf.has_resolver("diffusion_run_dir"):
+        OmegaConf.register_new_resolver("diffusion_run_dir", run_dir_for, use_cache=True)

@@ -1,0 +1,60 @@
+"""``diffusion-sample``: rebuild a model from a checkpoint and write a grid and single PNGs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from diffusion.checkpoint import load_checkpoint, load_weights
+from diffusion.config import CONFIG_DIR, instantiate_from_checkpoint_config
+from diffusion.images import save_grid, save_images
+from diffusion.sampling import generate
+from diffusion.trainer import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def sample(cfg: DictConfig) -> Path:
+    """Sample ``cfg.num_images`` images (image i from seed ``cfg.seed + i``); returns the grid's path."""
+    device = resolve_device(cfg.device)
+    state = load_checkpoint(cfg.checkpoint, map_location="cpu")
+    parts = instantiate_from_checkpoint_config(state.get("config", ""), ("model", "schedule", "objective"))
+    model, schedule, objective = parts["model"], parts["schedule"], parts["objective"]
+    if cfg.use_ema and "ema" in state:
+        load_weights(model, state["ema"]["state_dict"], what="EMA weights")
+    else:
+        load_weights(model, state["model"], what="model weights")
+    model.to(device).eval()
+    schedule.to(device)
+    sampler = instantiate(cfg.sampler)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
+    image_shape = (model.in_channels, model.image_size, model.image_size)
+    log.info("sampling %d images from %s (step %d, %s weights) on %s", cfg.num_images, cfg.checkpoint,
+             state.get("step", -1), "EMA" if cfg.use_ema else "raw", device)
+    num_batches = -(-cfg.num_images // cfg.batch_size)
+    with tqdm(total=num_batches * schedule.num_timesteps, desc="sample", dynamic_ncols=True) as bar:
+        images = generate(model, schedule, objective, sampler, seeds, image_shape, None, cfg.batch_size,
+                          callback=lambda info: bar.update(1))
+    out = Path(cfg.paths.output_dir)
+    grid = save_grid(images, out / "grid.png", nrow=cfg.nrow, upscale=cfg.upscale)
+    if cfg.save_images:
+        save_images(images, out / "images", upscale=cfg.upscale)
+    log.info("wrote %s%s", grid, f" and {len(images)} images in {out / 'images'}" if cfg.save_images else "")
+    return grid
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
+def main(cfg: DictConfig) -> None:
+    """Entry point of ``diffusion-sample`` and ``python -m diffusion.sample``."""
+    torch.set_grad_enabled(False)
+    sample(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Noise schedules: every quantity of the forward process, computed once in float64."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def extract(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Gather ``values[t]`` and reshape it to broadcast against a tensor of ``ndim`` dimensions."""
+    return values[t].reshape(t.shape[0], *([1] * (ndim - 1)))
+
+
+class NoiseSchedule(nn.Module):
+    """A discrete variance-preserving schedule q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I).
+
+    Timesteps run from 0 to ``num_timesteps - 1``. All derived quantities are computed once in
+    float64 from ``betas`` and stored as float32 buffers, so training and every sampler share them.
+    """
+
+    def __init__(self, betas: torch.Tensor) -> None:
+        super().__init__()
+        betas = betas.to(torch.float64)
+        if betas.ndim != 1 or len(betas) < 2:
+            raise ValueError(f"betas must be a 1-D tensor of at least 2 steps, got shape {tuple(betas.shape)}")
+        if not ((betas > 0) & (betas < 1)).all():
+            raise ValueError("every beta must lie in (0, 1); check the schedule's beta_start/beta_end")
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        # DDPM Eq. 7: the posterior q(x_{t-1} | x_t, x_0) = N(mean_coef1 x_0 + mean_coef2 x_t, beta_tilde_t).
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        quantities = {
+            "betas": betas,
+            "alphas": alphas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            "sqrt_recip_alphas_cumprod": alphas_cumprod.rsqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
+            "posterior_variance": posterior_variance,
+            # beta_tilde_0 is 0; clip the log as Ho et al. and Nichol & Dhariwal do.
+            "posterior_log_variance_clipped": torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+            "log_snr": torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod),
+        }
+        for name, value in quantities.items():
+            self.register_buffer(name, value.to(torch.float32), persistent=False)
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number T of diffusion steps."""
+        return self.betas.shape[0]
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x_0) by reparameterisation (DDPM Eq. 4)."""
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
+            + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
+        )
+
+    def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Invert Eq. 4: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        return (
+            extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
+            - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps
+        )
+
+    def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Invert Eq. 4 for the noise: eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1 / abar_t - 1)."""
+        return (
+            extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x0
+        ) / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim)
+
+    def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Mean of q(x_{t-1} | x_t, x_0) (DDPM Eq. 7)."""
+        return (
+            extract(self.posterior_mean_coef1, t, x_t.ndim) * x0
+            + extract(self.posterior_mean_coef2, t, x_t.ndim) * x_t
+        )
+
+    def extra_repr(self) -> str:
+        return f"num_timesteps={self.num_timesteps}"
+
+
+class LinearSchedule(NoiseSchedule):
+    """Betas linear from ``beta_start`` to ``beta_end`` (Ho et al. 2020, Sec. 4)."""
+
+    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
+        if not 0 < beta_start <= beta_end < 1:
+            raise ValueError(
+                f"linear schedule needs 0 < beta_start <= beta_end < 1, got {beta_start} and {beta_end}"
+            )
+        super().__init__(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64))
+
+
+class CosineSchedule(NoiseSchedule):
+    """abar_t = f(t) / f(0) with f(t) = cos^2(((t/T + s) / (1 + s)) pi/2) (Nichol & Dhariwal 2021, Eq. 17)."""
+
+    def __init__(self, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> None:
+        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        alphas_cumprod = f / f[0]
+        betas = 1.0 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+        super().__init__(betas.clamp(max=max_beta))

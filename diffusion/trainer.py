@@ -1,0 +1,311 @@
+"""The training engine shared by every entry point: one step-based loop, resumable exactly."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from diffusion.checkpoint import FORMAT_VERSION, code_version, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
+from diffusion.data import build_loader, random_hflip
+from diffusion.ema import EMA
+from diffusion.images import save_grid
+from diffusion.loggers import JSONLWriter, Logger, NullLogger
+from diffusion.objectives import Objective
+from diffusion.sampling import generate
+from diffusion.schedules import NoiseSchedule
+from diffusion.signals import StopRequest
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as ``1h02m03s`` / ``2m03s`` / ``3s``."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class Trainer:
+    """Runs optimizer steps, EMA, logging, sample grids and checkpoints on a fixed cadence.
+
+    Args:
+        max_steps: optimizer steps to train for (epochs are counted, not configured).
+        batch_size: images per forward pass; the effective batch is ``batch_size * accumulation_steps``.
+        accumulation_steps: micro-batches whose gradients are summed before each optimizer step.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; fp16 adds a gradient scaler).
+        grad_clip: clip the gradient's global norm to this value; ``null`` disables clipping.
+        num_workers: data-loading processes.
+        seed: seeds the data order, the timesteps and the noise.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
+        ema_decay, ema_warmup, ema_update_every, ema_start_step: the EMA of the weights (see ``EMA``).
+        log_every, sample_every, checkpoint_every: cadences in optimizer steps (0 disables).
+        keep_checkpoints: how many ``step_<N>.pt`` files to keep beside ``last.pt``.
+        num_samples: images in each sample grid; always drawn from the same seeds.
+        sample_batch_size: images per sampling batch.
+        progress_bar: ``auto`` shows a tqdm bar on a terminal and log lines otherwise; ``true``/``false`` force it.
+    """
+
+    def __init__(
+        self,
+        max_steps: int = 10_000,
+        batch_size: int = 128,
+        accumulation_steps: int = 1,
+        precision: str = "fp32",
+        grad_clip: float | None = 1.0,
+        num_workers: int = 0,
+        seed: int = 0,
+        device: str = "auto",
+        ema_decay: float = 0.999,
+        ema_warmup: bool = True,
+        ema_update_every: int = 1,
+        ema_start_step: int = 0,
+        log_every: int = 100,
+        sample_every: int = 1000,
+        checkpoint_every: int = 1000,
+        keep_checkpoints: int = 3,
+        num_samples: int = 64,
+        sample_batch_size: int = 64,
+        progress_bar: str | bool = "auto",
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"trainer.precision={precision!r} is not known; choose one of {list(PRECISIONS)}")
+        if max_steps < 1 or batch_size < 1 or accumulation_steps < 1:
+            raise ValueError("trainer.max_steps, trainer.batch_size and trainer.accumulation_steps must be positive")
+        self.max_steps = max_steps
+        self.batch_size = batch_size
+        self.accumulation_steps = accumulation_steps
+        self.precision = precision
+        self.grad_clip = grad_clip
+        self.num_workers = num_workers
+        self.seed = seed
+        self.device = resolve_device(device)
+        self.ema_options = dict(decay=ema_decay, warmup=ema_warmup, update_every=ema_update_every, start_step=ema_start_step)
+        self.log_every = log_every
+        self.sample_every = sample_every
+        self.checkpoint_every = checkpoint_every
+        self.keep_checkpoints = keep_checkpoints
+        self.num_samples = num_samples
+        self.sample_batch_size = sample_batch_size
+        self.progress_bar = sys.stderr.isatty() if progress_bar == "auto" else bool(progress_bar)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.loss_window = [0.0, 0]  # summed loss and steps since the last log line; checkpointed
+
+    # --- the run --------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        model: nn.Module,
+        schedule: NoiseSchedule,
+        objective: Objective,
+        sampler: Callable,
+        dataset,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler],
+        run_dir: str | Path,
+        logger: Logger | None = None,
+        resume_from: str | Path | None = None,
+        config_yaml: str = "",
+    ) -> dict:
+        """Train until ``max_steps`` or a stop signal; return the last logged metrics and the stop reason."""
+        self.run_dir = Path(run_dir)
+        self.model = model.to(self.device)
+        self.schedule = schedule.to(self.device)
+        self.objective = objective
+        self.sampler = sampler
+        self.dataset = dataset
+        self.logger = logger or NullLogger()
+        self.config_yaml = config_yaml
+        model.check_image_size(dataset.image_size, dataset.image_size)
+        self.optimizer = optimizer(params=model.parameters())
+        self.lr_scheduler = lr_scheduler(optimizer=self.optimizer)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.ema = EMA(model, **self.ema_options)
+        self.generator = torch.Generator(self.device).manual_seed(self.seed)
+        self.metrics_file = JSONLWriter(self.run_dir / "metrics.jsonl")
+        loader = build_loader(dataset, self.batch_size, self.num_workers, self.seed, self.device.type == "cuda")
+        if resume_from is not None:
+            self.restore(load_checkpoint(resume_from, map_location=self.device))
+            self.metrics_file.truncate_after(self.step)
+            log.info("resumed from %s at step %d (epoch %d)", resume_from, self.step, self.epoch)
+        log.info(
+            "training %s (%.2fM parameters) on %s for %d steps, effective batch %d, %s",
+            type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, self.device,
+            self.max_steps, self.batch_size * self.accumulation_steps, self.precision,
+        )
+        with StopRequest() as stop, logging_redirect_tqdm(), tqdm(
+            total=self.max_steps, initial=self.step, disable=not self.progress_bar, desc="train", dynamic_ncols=True
+        ) as bar:
+            metrics = self.train_loop(self.batches(loader), stop, bar)
+        if stop:
+            path = self.save_checkpoint(keep_step_file=False)
+            log.warning("stopped at step %d; checkpoint %s; continue with resume=auto", self.step, path)
+        return {**metrics, "step": self.step, "stopped_by_signal": stop.signum}
+
+    def train_loop(self, batches, stop: StopRequest, bar: tqdm) -> dict:
+        """Optimizer steps until done; the body of a run (DDPM Algorithm 1 with the engineering around it)."""
+        metrics: dict = {}
+        loss_sum = torch.tensor(self.loss_window[0], device=self.device)
+        window_steps, window_start = self.loss_window[1], time.perf_counter()
+        run_start, start_step, timed_steps = window_start, self.step, 0
+        while self.step < self.max_steps and not stop:
+            loss, grad_norm = self.train_step(batches)
+            self.step += 1
+            self.ema.update(self.model, self.step)
+            loss_sum += loss
+            window_steps += 1
+            timed_steps += 1
+            bar.update(1)
+            if self.log_every and (self.step % self.log_every == 0 or self.step == self.max_steps):
+                elapsed = time.perf_counter() - window_start
+                metrics = {
+                    "loss": loss_sum.item() / window_steps,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "grad_norm": float(grad_norm),
+                    "images_per_sec": timed_steps * self.batch_size * self.accumulation_steps / elapsed,
+                    "epoch": self.epoch,
+                }
+                remaining = (time.perf_counter() - run_start) / (self.step - start_step) * (self.max_steps - self.step)
+                self.log_metrics(metrics, bar, remaining)
+                loss_sum.zero_()
+                window_steps, timed_steps, window_start = 0, 0, time.perf_counter()
+            self.loss_window = [loss_sum, window_steps]
+            if self.sample_every and (self.step % self.sample_every == 0 or self.step == self.max_steps):
+                self.sample_grid()
+            if self.checkpoint_every and (self.step % self.checkpoint_every == 0 or self.step == self.max_steps):
+                self.save_checkpoint()
+        return metrics
+
+    def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over ``accumulation_steps`` micro-batches; returns (mean loss, gradient norm)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.accumulation_steps):
+            images, labels = next(batches)
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True) if getattr(self.model, "num_classes", None) else None
+            if self.dataset.random_flip:
+                images = random_hflip(images, self.generator)
+            with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self.precision != "fp32"):
+                loss = self.objective.loss(self.model, self.schedule, images, self.generator, labels).mean()
+            self.scaler.scale(loss / self.accumulation_steps).backward()
+            total += loss.detach() / self.accumulation_steps
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_scheduler.step()
+        return total, grad_norm
+
+    def batches(self, loader):
+        """Endless batches; the position (epoch, batch in epoch) always names the next batch to read."""
+        while True:
+            loader.batch_sampler.set_position(self.epoch, self.batch_in_epoch)
+            for batch in loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    # --- outputs --------------------------------------------------------------------------------
+
+    def log_metrics(self, metrics: dict, bar: tqdm, remaining_seconds: float) -> None:
+        """Write metrics to metrics.jsonl and the tracker, and report progress."""
+        self.metrics_file.write({"step": self.step, **metrics})
+        self.logger.log_metrics(metrics, self.step)
+        if self.progress_bar:
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+        else:
+            log.info(
+                "step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.1f img/s  eta %s",
+                self.step, self.max_steps, metrics["loss"], metrics["lr"], metrics["grad_norm"],
+                metrics["images_per_sec"], format_duration(remaining_seconds),
+            )
+
+    def sample_grid(self) -> Path:
+        """Sample from the EMA weights with fixed seeds, so grids are comparable across steps."""
+        num_classes = getattr(self.model, "num_classes", None)
+        labels = [i % num_classes for i in range(self.num_samples)] if num_classes else None
+        images = generate(
+            self.ema.model, self.schedule, self.objective, self.sampler, list(range(self.num_samples)),
+            (self.dataset.channels, self.dataset.image_size, self.dataset.image_size), labels, self.sample_batch_size,
+        )
+        path = save_grid(images, self.run_dir / "samples" / f"step_{self.step}.png")
+        self.logger.log_image("samples", path, self.step)
+        log.info("sample grid: %s", path)
+        return path
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue this run exactly (DESIGN.md, "Checkpoints")."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "loss_window": [float(self.loss_window[0]), int(self.loss_window[1])],
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),
+            "rng": {**rng_state(), "train_generator": self.generator.get_state()},
+            "config": self.config_yaml,
+            "code_version": code_version(),
+        }
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint's state: weights, EMA, optimizer, schedules, RNG and data position."""
+        load_weights(self.model, state["model"], what="model weights")
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.scaler.load_state_dict(state["grad_scaler"])
+        set_rng_state(state["rng"])
+        self.generator.set_state(state["rng"]["train_generator"].cpu())
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.loss_window = list(state.get("loss_window", [0.0, 0]))
+
+    def save_checkpoint(self, keep_step_file: bool = True) -> Path:
+        """Write ``last.pt`` (and ``step_<N>.pt`` when kept), then prune the oldest step files."""
+        folder = self.run_dir / "checkpoints"
+        last = folder / "last.pt"
+        state = self.state_dict()
+        if not (keep_step_file and self.keep_checkpoints > 0):
+            return save_checkpoint(state, last)
+        step_file = save_checkpoint(state, folder / f"step_{self.step}.pt")
+        tmp = folder / ".last.pt.link"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(step_file, tmp)  # last.pt shares the step file's data: one write, still atomic
+            os.replace(tmp, last)
+        except OSError:
+            save_checkpoint(state, last)
+        step_files = sorted(folder.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        for old in step_files[: -self.keep_checkpoints]:
+            old.unlink()
+        log.info("checkpoint: %s", step_file)
+        return step_file

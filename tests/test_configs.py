@@ -1,0 +1,83 @@
+"""Every option of every config group composes and instantiates; typos are errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, InstantiationException
+from hydra.utils import instantiate
+
+from diffusion.config import CONFIG_DIR
+from diffusion.loggers import Logger
+from tests.conftest import compose_config, smoke_overrides
+
+GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name not in ("hydra", "paths"))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+def test_the_documented_groups_exist():
+    assert GROUPS == ["dataset", "debug", "experiment", "logger", "lr_scheduler", "model", "objective",
+                      "optimizer", "sampler", "schedule", "trainer"]
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_instantiates(group, option, tmp_path):
+    overrides = {"trainer.device": "cpu"}
+    if group == "dataset" and option == "image_folder" or group == "experiment" and option != "digits":
+        from PIL import Image
+
+        for name in ("a", "b"):
+            (tmp_path / "data" / name).mkdir(parents=True)
+            Image.new("RGB", (70, 64), (200, 10, 10)).save(tmp_path / "data" / name / "x.png")
+        overrides["dataset.root"] = tmp_path / "data"
+        if group == "dataset":  # the default model (unet_tiny) has its attention at 8x8: a size with such a level
+            overrides["dataset.image_size"] = 32
+    cfg = compose_config("train", [f"{group}={option}", *[f"{k}={v}" for k, v in overrides.items()]], tmp_path / "run")
+    dataset = instantiate(cfg.dataset)
+    model = instantiate(cfg.model)
+    assert model.image_size == dataset.image_size and model.in_channels == dataset.channels
+    schedule = instantiate(cfg.schedule)
+    assert schedule.num_timesteps == cfg.schedule.num_timesteps
+    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
+    scheduler = instantiate(cfg.lr_scheduler)(optimizer=optimizer)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] >= 0
+    assert callable(instantiate(cfg.sampler))
+    instantiate(cfg.objective)
+    trainer = instantiate(cfg.trainer)
+    assert trainer.max_steps == cfg.trainer.max_steps
+    logger = instantiate(cfg.logger)
+    assert isinstance(logger, Logger)
+    logger.finish()
+
+
+def test_a_typo_in_an_override_is_an_error():
+    with pytest.raises(ConfigCompositionException, match="max_stpes"):
+        compose_config("train", ["trainer.max_stpes=10"])
+    with pytest.raises(ConfigCompositionException, match="unet_huge"):
+        compose_config("train", ["model=unet_huge"])
+
+
+def test_an_unknown_loss_name_is_refused(tmp_path):
+    cfg = compose_config("train", smoke_overrides(**{"objective.loss": "l3"}), tmp_path)
+    with pytest.raises(InstantiationException, match=r"objective.loss='l3' is not known; choose one of \['huber', 'l1', 'l2'\]"):
+        instantiate(cfg.objective)
+
+
+def test_warmup_cosine_schedule_values():
+    from diffusion.optim import WarmupCosineLR
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = WarmupCosineLR(optimizer, warmup_steps=4, total_steps=12, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(12):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[8] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)

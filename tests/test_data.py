@@ -1,0 +1,77 @@
+"""Data sets: folders of images, the digits, the resumable order, and bad input."""
+
+import pytest
+import torch
+from PIL import Image
+
+from diffusion.data import DigitsDataset, EpochBatchSampler, ImageFolderDataset
+
+
+def make_folder(root, classes=("cats", "dogs"), per_class=3, size=(40, 30)):
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", size, (40 * c, 100 + i, 200)).save(root / name / f"{i}.{['png', 'jpg', 'bmp'][i % 3]}")
+    return root
+
+
+def test_image_folder_labels_sizes_and_range(tmp_path):
+    dataset = ImageFolderDataset(make_folder(tmp_path / "data"), image_size=16, channels=3)
+    assert dataset.classes == ["cats", "dogs"] and len(dataset) == 6
+    image, label = dataset[4]
+    assert image.shape == (3, 16, 16) and label == 1
+    # colour (40, 101, 200) scaled to [-1, 1]
+    torch.testing.assert_close(image[:, 8, 8], torch.tensor([40, 101, 200]) / 127.5 - 1, atol=0.02, rtol=0)
+    gray, _ = ImageFolderDataset(tmp_path / "data", image_size=8, channels=1)[0]
+    assert gray.shape == (1, 8, 8)
+
+
+def test_images_directly_in_the_root_form_one_class(tmp_path):
+    for i in range(2):
+        Image.new("L", (8, 8), 255).save(tmp_path / f"{i}.png")
+    dataset = ImageFolderDataset(tmp_path, image_size=8, channels=1)
+    assert len(dataset) == 2 and dataset.num_classes == 1
+    assert dataset[0][0].min().item() == 1.0
+
+
+def test_a_corrupt_image_is_skipped_and_counted(tmp_path):
+    root = make_folder(tmp_path / "data", per_class=2)
+    (root / "cats" / "0.png").write_bytes(b"not an image at all")
+    dataset = ImageFolderDataset(root, image_size=8)
+    image, label = dataset[0]  # the next readable image takes its place
+    assert image.shape == (3, 8, 8) and label == 0
+    assert dataset.skipped == {0}
+
+
+def test_missing_and_empty_folders_are_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*one sub-folder of images per class"):
+        ImageFolderDataset(tmp_path / "nowhere")
+    (tmp_path / "empty" / "class").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no images.*one sub-folder per class"):
+        ImageFolderDataset(tmp_path / "empty")
+    with pytest.raises(ValueError, match="dataset.root is not set: run with dataset.root="):
+        ImageFolderDataset(None)
+
+
+def test_digits_are_the_sklearn_digits_scaled():
+    dataset = DigitsDataset(image_size=16)
+    assert len(dataset) == 1797 and dataset.classes == [str(i) for i in range(10)]
+    images, labels = dataset.__getitems__([0, 1])
+    assert images.shape == (2, 1, 16, 16) and labels.tolist() == [0, 1]
+    assert images.min().item() == -1.0 and 0.9 < images.max().item() <= 1.0
+
+
+def test_batch_order_resumes_mid_epoch():
+    sampler = EpochBatchSampler(20, batch_size=3, seed=7)
+    sampler.set_position(epoch=2)
+    whole_epoch = list(sampler)
+    sampler.set_position(epoch=2, start_batch=4)
+    assert list(sampler) == whole_epoch[4:]
+    assert len(whole_epoch) == 6 and len({i for b in whole_epoch for i in b}) == 18
+    sampler.set_position(epoch=3)
+    assert list(sampler) != whole_epoch
+
+
+def test_a_batch_larger_than_the_data_set_is_explained():
+    with pytest.raises(ValueError, match="fewer than one batch of 64: lower trainer.batch_size"):
+        EpochBatchSampler(10, batch_size=64)

@@ -1,0 +1,65 @@
+"""Schedule quantities against their closed forms, and the forward process's statistics."""
+
+import math
+
+import pytest
+import torch
+
+from diffusion.schedules import CosineSchedule, LinearSchedule
+
+
+def test_linear_schedule_matches_closed_form():
+    schedule = LinearSchedule(num_timesteps=100, beta_start=1e-4, beta_end=0.02)
+    betas = torch.linspace(1e-4, 0.02, 100, dtype=torch.float64)
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    assert schedule.num_timesteps == 100
+    assert schedule.betas[0].item() == pytest.approx(1e-4)
+    assert schedule.betas[-1].item() == pytest.approx(0.02)
+    torch.testing.assert_close(schedule.alphas_cumprod, alphas_cumprod.float())
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    beta_tilde = betas * (1 - prev) / (1 - alphas_cumprod)
+    torch.testing.assert_close(schedule.posterior_variance, beta_tilde.float())
+    assert schedule.posterior_variance[0].item() == 0.0
+    # the posterior mean coefficients (DDPM Eq. 7) sum the two Gaussians' precisions correctly
+    t = 37
+    coef1 = math.sqrt(prev[t]) * betas[t] / (1 - alphas_cumprod[t])
+    coef2 = math.sqrt(1 - betas[t]) * (1 - prev[t]) / (1 - alphas_cumprod[t])
+    assert schedule.posterior_mean_coef1[t].item() == pytest.approx(coef1.item(), rel=1e-5)
+    assert schedule.posterior_mean_coef2[t].item() == pytest.approx(coef2.item(), rel=1e-5)
+
+
+def test_cosine_schedule_matches_closed_form():
+    T, s = 1000, 0.008
+    schedule = CosineSchedule(num_timesteps=T, s=s)
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    for t in (0, 10, 250, 500, 900):
+        assert schedule.alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-5)
+    assert schedule.betas.max().item() <= 0.999 + 1e-6
+    assert (schedule.alphas_cumprod[1:] < schedule.alphas_cumprod[:-1]).all()
+
+
+def test_x0_and_eps_conversions_invert_q_sample():
+    schedule = CosineSchedule(num_timesteps=50)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 3, 4, 4, generator=g), torch.randn(6, 3, 4, 4, generator=g)
+    t = torch.tensor([0, 5, 10, 20, 40, 49])
+    x_t = schedule.q_sample(x0, t, noise)
+    torch.testing.assert_close(schedule.predict_x0_from_eps(x_t, t, noise), x0, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(schedule.predict_eps_from_x0(x_t, t, x0), noise, atol=2e-4, rtol=1e-4)
+
+
+def test_q_sample_has_the_forward_process_statistics():
+    schedule = LinearSchedule(num_timesteps=1000)
+    x0 = torch.full((200_000,), 0.7)
+    g = torch.Generator().manual_seed(1)
+    for step in (0, 100, 500, 999):
+        t = torch.full((x0.shape[0],), step)
+        x_t = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+        abar = schedule.alphas_cumprod[step].item()
+        assert x_t.mean().item() == pytest.approx(math.sqrt(abar) * 0.7, abs=5e-3)
+        assert x_t.var().item() == pytest.approx(1 - abar, rel=2e-2, abs=2e-4)
+
+
+def test_bad_schedule_arguments_are_refused():
+    with pytest.raises(ValueError, match="beta_start <= beta_end"):
+        LinearSchedule(num_timesteps=10, beta_start=0.02, beta_end=1e-4)

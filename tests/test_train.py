@@ -1,0 +1,158 @@
+"""End-to-end training: the run directory, exact resumption, signals, trackers, sweeps."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion.checkpoint import load_checkpoint
+from diffusion.train import train
+from diffusion.trainer import Trainer
+from tests.conftest import REPO, cli, compose_config, smoke_overrides
+
+
+def test_a_few_steps_on_digits_leave_the_documented_run_directory(tmp_path):
+    cfg = compose_config("train", smoke_overrides(**{"trainer.max_steps": 6, "trainer.sample_every": 3}), tmp_path)
+    result = train(cfg)
+    assert result["step"] == 6 and result["stopped_by_signal"] is None
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert all(r["loss"] > 0 and r["lr"] > 0 and r["images_per_sec"] > 0 and r["grad_norm"] > 0 for r in records)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "step_4.pt", "step_6.pt"]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_3.png", "step_6.png"]
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    expected_keys = {"format_version", "step", "epoch", "batch_in_epoch", "model", "ema", "optimizer", "lr_scheduler",
+                     "grad_scaler", "rng", "config", "code_version"}
+    assert expected_keys <= set(state)
+    assert state["step"] == 6 and state["ema"]["num_updates"] == 6 and state["ema"]["decay"] == cfg.trainer.ema_decay
+    assert "diffusion.models.UNet" in state["config"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "samples" / "step_6.png") as grid:
+        assert grid.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 4 images of 16x16, 2 per row, 2px padding
+
+
+def stop_with_sigterm_at(step: int, monkeypatch):
+    """Make the running process receive SIGTERM during optimizer step ``step``."""
+    original = Trainer.train_step
+
+    def train_step(self, batches):
+        if self.step + 1 == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_resuming_after_sigterm_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    overrides = smoke_overrides(**{"trainer.max_steps": 10, "trainer.checkpoint_every": 100,
+                                   "model.dropout": 0.1, "dataset.random_flip": "true"})
+    train(compose_config("train", overrides, tmp_path / "straight"))
+
+    with monkeypatch.context() as patch:
+        stop_with_sigterm_at(5, patch)
+        result = train(compose_config("train", overrides, tmp_path / "resumed"))
+    assert result["stopped_by_signal"] == signal.SIGTERM and result["step"] == 5
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 5
+    result = train(compose_config("train", [*overrides, f"resume={tmp_path / 'resumed'}"], tmp_path / "resumed"))
+    assert result["step"] == 10
+
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for key, value in straight["ema"]["state_dict"].items():
+        assert torch.equal(value, resumed["ema"]["state_dict"][key]), key
+    assert (straight["epoch"], straight["batch_in_epoch"]) == (resumed["epoch"], resumed["batch_in_epoch"])
+    def logged(run):  # everything but the timing
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["lr"], r["grad_norm"], r["epoch"]) for r in records]
+
+    assert logged(tmp_path / "straight") == logged(tmp_path / "resumed")
+
+
+def test_sigkill_then_resume_auto_continues_from_the_last_checkpoint(tmp_path):
+    args = ["debug=smoke", "logger=none", "trainer.max_steps=400", "trainer.checkpoint_every=5",
+            "trainer.sample_every=0", "trainer.log_every=5", f"paths.runs_dir={tmp_path / 'runs'}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    process = subprocess.Popen([sys.executable, "-m", "diffusion.train", *args], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((tmp_path / "runs").glob("train/*/checkpoints/step_10.pt")):
+            time.sleep(0.1)
+    finally:
+        process.kill()
+        process.wait()
+    run_dir = next((tmp_path / "runs" / "train").iterdir())
+    saved_step = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
+    assert 10 <= saved_step < 400
+    result = cli("train", *args[:-1], "trainer.max_steps=30", f"paths.runs_dir={tmp_path / 'runs'}", "resume=auto",
+                 cwd=tmp_path)
+    assert f"at step {saved_step}" in result.stdout + result.stderr
+    assert [p.name for p in (tmp_path / "runs" / "train").iterdir()] == [run_dir.name]  # continued in place
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 30
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # no duplicated lines from the killed run
+
+
+def test_wandb_offline_run_holds_the_config_and_the_logged_loss(tmp_path):
+    cfg = compose_config("train", smoke_overrides(logger="wandb"), tmp_path)
+    train(cfg)
+    run_dirs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    inspected = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(run_dirs[0])],
+                               capture_output=True, text=True, timeout=120, check=True).stdout
+    losses, config = [], {}
+    for record in map(json.loads, inspected.splitlines()):
+        if record["type"] == "history" and "loss" in record["history"]["item"]:
+            losses.append((record["history"]["item"]["step"], record["history"]["item"]["loss"]))
+        elif record["type"] == "config":
+            config.update(record["config"]["update"])
+    logged = [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+    assert [step for step, _ in losses] == [step for step, _ in logged]
+    assert [loss for _, loss in losses] == pytest.approx([loss for _, loss in logged])
+    assert config["trainer"]["max_steps"] == cfg.trainer.max_steps and config["model"]["_target_"] == "diffusion.models.UNet"
+
+
+def test_tensorboard_and_csv_log_the_same_scalars(tmp_path):
+    train(compose_config("train", smoke_overrides(logger="csv"), tmp_path / "csv"))
+    import csv
+
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = [json.loads(line) for line in (tmp_path / "csv" / "metrics.jsonl").read_text().splitlines()]
+    assert [int(r["step"]) for r in rows] == [r["step"] for r in logged]
+    assert [float(r["loss"]) for r in rows] == pytest.approx([r["loss"] for r in logged])
+
+    train(compose_config("train", smoke_overrides(logger="tensorboard"), tmp_path / "tb"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    logged = [json.loads(line) for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("loss")] == [(r["step"], r["loss"]) for r in logged]
+    assert events.Tags()["images"] == ["samples"]
+
+
+def test_a_two_by_two_sweep_makes_four_runs(tmp_path):
+    cli("train", "-m", "schedule=linear,cosine", "optimizer.lr=1e-4,3e-4", "debug=smoke", "logger=none",
+        f"paths.runs_dir={tmp_path}", cwd=tmp_path)
+    jobs = sorted((tmp_path / "train" / "multirun").glob("*/*/"))
+    jobs = [j for j in jobs if j.name.isdigit()]
+    assert [j.name for j in jobs] == ["0", "1", "2", "3"]
+    seen = set()
+    for job in jobs:
+        assert (job / "metrics.jsonl").read_text().count("\n") == 2
+        assert (job / "checkpoints" / "last.pt").is_file() and (job / "samples" / "step_4.png").is_file()
+        config = load_checkpoint(job / "checkpoints" / "last.pt")["config"]
+        seen.add((config.split("_target_: diffusion.schedules.")[1].split()[0], config.split("lr: ")[1].split()[0]))
+    assert seen == {("LinearSchedule", "0.0001"), ("CosineSchedule", "0.0001"),
+                    ("LinearSchedule", "0.0003"), ("CosineSchedule", "0.0003")}
