@@ -49,6 +49,15 @@ def checkpoint_to_resume(resume: str | None, output_dir: str | Path) -> Path | N
     raise FileNotFoundError(f"resume={resume!r}: no checkpoints/last.pt there to continue from")
 
 
+def shown(path: str | Path) -> str:
+    """A path as a log line shows it: relative to the working directory when it lies below it."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def register_resolvers() -> None:
     """Make ``${diffusion_run_dir:resume,task_dir}`` available to the configs (once per process)."""
     if not OmegaConf.has_resolver("diffusion_run_dir"):

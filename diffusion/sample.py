@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -14,6 +15,7 @@ from tqdm import tqdm
 from diffusion.checkpoint import load_checkpoint, load_weights
 from diffusion.config import CONFIG_DIR, instantiate_from_checkpoint_config
 from diffusion.images import save_grid, save_images
+from diffusion.rundir import shown
 from diffusion.sampling import generate
 from diffusion.trainer import resolve_device
 
@@ -38,20 +40,22 @@ def sample(cfg: DictConfig) -> Path:
     log.info("sampling %d images from %s (step %d, %s weights) on %s", cfg.num_images, cfg.checkpoint,
              state.get("step", -1), "EMA" if cfg.use_ema else "raw", device)
     num_batches = -(-cfg.num_images // cfg.batch_size)
-    with tqdm(total=num_batches * schedule.num_timesteps, desc="sample", dynamic_ncols=True) as bar:
+    with tqdm(total=num_batches * schedule.num_timesteps, desc="sample", dynamic_ncols=True,
+              disable=not sys.stderr.isatty()) as bar:
         images = generate(model, schedule, objective, sampler, seeds, image_shape, None, cfg.batch_size,
                           callback=lambda info: bar.update(1))
     out = Path(cfg.paths.output_dir)
     grid = save_grid(images, out / "grid.png", nrow=cfg.nrow, upscale=cfg.upscale)
     if cfg.save_images:
         save_images(images, out / "images", upscale=cfg.upscale)
-    log.info("wrote %s%s", grid, f" and {len(images)} images in {out / 'images'}" if cfg.save_images else "")
+    log.info("wrote %s%s", shown(grid), f" and {len(images)} images in {shown(out / 'images')}" if cfg.save_images else "")
     return grid
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
     """Entry point of ``diffusion-sample`` and ``python -m diffusion.sample``."""
+    sys.stdout.reconfigure(line_buffering=True)
     torch.set_grad_enabled(False)
     sample(cfg)
 

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.config import CONFIG_DIR
-from diffusion.rundir import checkpoint_to_resume, register_resolvers
+from diffusion.rundir import checkpoint_to_resume, register_resolvers, shown
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -19,6 +19,7 @@ register_resolvers()
 
 def train(cfg: DictConfig) -> dict:
     """Train one model as ``cfg`` describes; returns the final metrics (``loss`` for sweepers)."""
+    log.info("run directory: %s", shown(cfg.paths.output_dir))
     torch.manual_seed(cfg.seed)
     dataset = instantiate(cfg.dataset)
     model = instantiate(cfg.model)
@@ -49,13 +50,14 @@ def train(cfg: DictConfig) -> dict:
         exit_code = 0
     finally:
         logger.finish(exit_code)
-    log.info("run directory: %s", cfg.paths.output_dir)
+    log.info("run directory: %s", shown(cfg.paths.output_dir))
     return result
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Entry point of ``diffusion-train`` and ``python -m diffusion.train``."""
+    sys.stdout.reconfigure(line_buffering=True)  # whole log lines reach files and pipes as they happen
     result = train(cfg)
     if result["stopped_by_signal"] is not None:
         sys.exit(128 + result["stopped_by_signal"])

@@ -21,6 +21,7 @@ from diffusion.ema import EMA
 from diffusion.images import save_grid
 from diffusion.loggers import JSONLWriter, Logger, NullLogger
 from diffusion.objectives import Objective
+from diffusion.rundir import shown
 from diffusion.sampling import generate
 from diffusion.schedules import NoiseSchedule
 from diffusion.signals import StopRequest
@@ -148,7 +149,7 @@ class Trainer:
         if resume_from is not None:
             self.restore(load_checkpoint(resume_from, map_location=self.device))
             self.metrics_file.truncate_after(self.step)
-            log.info("resumed from %s at step %d (epoch %d)", resume_from, self.step, self.epoch)
+            log.info("resumed from %s at step %d (epoch %d)", shown(resume_from), self.step, self.epoch)
         log.info(
             "training %s (%.2fM parameters) on %s for %d steps, effective batch %d, %s",
             type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, self.device,
@@ -160,7 +161,7 @@ class Trainer:
             metrics = self.train_loop(self.batches(loader), stop, bar)
         if stop:
             path = self.save_checkpoint(keep_step_file=False)
-            log.warning("stopped at step %d; checkpoint %s; continue with resume=auto", self.step, path)
+            log.warning("stopped at step %d; checkpoint %s; continue with resume=auto", self.step, shown(path))
         return {**metrics, "step": self.step, "stopped_by_signal": stop.signum}
 
     def train_loop(self, batches, stop: StopRequest, bar: tqdm) -> dict:
@@ -168,7 +169,7 @@ class Trainer:
         metrics: dict = {}
         loss_sum = torch.tensor(self.loss_window[0], device=self.device)
         window_steps, window_start = self.loss_window[1], time.perf_counter()
-        run_start, start_step, timed_steps = window_start, self.step, 0
+        run_start, start_step, timed_steps, paused = window_start, self.step, 0, 0.0
         while self.step < self.max_steps and not stop:
             loss, grad_norm = self.train_step(batches)
             self.step += 1
@@ -178,7 +179,7 @@ class Trainer:
             timed_steps += 1
             bar.update(1)
             if self.log_every and (self.step % self.log_every == 0 or self.step == self.max_steps):
-                elapsed = time.perf_counter() - window_start
+                elapsed = time.perf_counter() - window_start - paused  # training time only
                 metrics = {
                     "loss": loss_sum.item() / window_steps,
                     "lr": self.optimizer.param_groups[0]["lr"],
@@ -189,12 +190,14 @@ class Trainer:
                 remaining = (time.perf_counter() - run_start) / (self.step - start_step) * (self.max_steps - self.step)
                 self.log_metrics(metrics, bar, remaining)
                 loss_sum.zero_()
-                window_steps, timed_steps, window_start = 0, 0, time.perf_counter()
+                window_steps, timed_steps, window_start, paused = 0, 0, time.perf_counter(), 0.0
             self.loss_window = [loss_sum, window_steps]
+            pause_start = time.perf_counter()
             if self.sample_every and (self.step % self.sample_every == 0 or self.step == self.max_steps):
                 self.sample_grid()
             if self.checkpoint_every and (self.step % self.checkpoint_every == 0 or self.step == self.max_steps):
                 self.save_checkpoint()
+            paused += time.perf_counter() - pause_start
         return metrics
 
     def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,7 +257,7 @@ class Trainer:
         )
         path = save_grid(images, self.run_dir / "samples" / f"step_{self.step}.png")
         self.logger.log_image("samples", path, self.step)
-        log.info("sample grid: %s", path)
+        log.info("sample grid: %s", shown(path))
         return path
 
     # --- checkpoints ----------------------------------------------------------------------------
@@ -307,5 +310,5 @@ class Trainer:
         step_files = sorted(folder.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
         for old in step_files[: -self.keep_checkpoints]:
             old.unlink()
-        log.info("checkpoint: %s", step_file)
+        log.info("checkpoint: %s", shown(step_file))
         return step_file

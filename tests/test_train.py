@@ -152,6 +152,7 @@ def test_a_two_by_two_sweep_makes_four_runs(tmp_path):
     for job in jobs:
         assert (job / "metrics.jsonl").read_text().count("\n") == 2
         assert (job / "checkpoints" / "last.pt").is_file() and (job / "samples" / "step_4.png").is_file()
+        assert (job / ".hydra" / "config.yaml").is_file() and "step 4/4" in (job / "train.log").read_text()
         config = load_checkpoint(job / "checkpoints" / "last.pt")["config"]
         seen.add((config.split("_target_: diffusion.schedules.")[1].split()[0], config.split("lr: ")[1].split()[0]))
     assert seen == {("LinearSchedule", "0.0001"), ("CosineSchedule", "0.0001"),

@@ -1,0 +1,96 @@
+"""The engine's arithmetic: EMA, gradient accumulation, mixed precision, checkpoint files."""
+
+import pytest
+import torch
+
+from diffusion.checkpoint import load_checkpoint, save_checkpoint
+from diffusion.data import DigitsDataset
+from diffusion.ema import EMA
+from diffusion.models import UNet
+from diffusion.objectives import EpsilonObjective
+from diffusion.samplers import sample_ddpm
+from diffusion.schedules import LinearSchedule
+from diffusion.train import train
+from diffusion.trainer import Trainer
+from tests.conftest import compose_config, smoke_overrides
+
+
+def test_ema_follows_its_warmup_formula_and_cadence():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.5, warmup=True, update_every=2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, step=1)  # not a multiple of update_every: no update
+    assert ema.model.weight.item() == 0.0 and ema.num_updates == 0
+    ema.update(model, step=2)  # first update: decay min(0.5, 1/10) = 0.1
+    assert ema.model.weight.item() == pytest.approx(0.9)
+    ema.update(model, step=4)  # second: decay min(0.5, 2/11)
+    assert ema.model.weight.item() == pytest.approx(0.9 * 2 / 11 + 9 / 11)
+    ema.update(model, step=6)  # third: min(0.5, 3/12) = 0.25
+    expected = (0.9 * 2 / 11 + 9 / 11) * 0.25 + 0.75
+    assert ema.model.weight.item() == pytest.approx(expected)
+    restored = EMA(model, decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 3 and restored.model.weight.item() == pytest.approx(expected)
+
+
+class ReconstructionObjective(EpsilonObjective):
+    """A deterministic loss (no random timesteps or noise), so two batchings must give one gradient."""
+
+    def loss(self, model, schedule, x0, generator=None, class_labels=None):
+        t = torch.full((x0.shape[0],), 3, device=x0.device)
+        return (model(x0, t) - x0).pow(2).flatten(1).mean(1)
+
+
+def one_sgd_step(tmp_path, batch_size, accumulation_steps):
+    torch.manual_seed(0)
+    model = UNet(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                 attention_resolutions=(4,), num_heads=2, norm_groups=4)
+    trainer = Trainer(max_steps=1, batch_size=batch_size, accumulation_steps=accumulation_steps, device="cpu",
+                      log_every=0, sample_every=0, checkpoint_every=0, progress_bar=False, grad_clip=None)
+    trainer.fit(model=model, schedule=LinearSchedule(10), objective=ReconstructionObjective(), sampler=sample_ddpm,
+                dataset=DigitsDataset(image_size=8), optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
+                lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0),
+                run_dir=tmp_path)
+    return model.state_dict()
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    large = one_sgd_step(tmp_path / "a", batch_size=8, accumulation_steps=1)
+    accumulated = one_sgd_step(tmp_path / "b", batch_size=4, accumulation_steps=2)
+    initial = UNet(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                   attention_resolutions=(4,), num_heads=2, norm_groups=4).state_dict()
+    assert any(not torch.allclose(large[k], initial[k]) for k in large)  # the step did move the weights
+    for key in large:
+        torch.testing.assert_close(accumulated[key], large[key], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_with_finite_losses(tmp_path, precision):
+    result = train(compose_config("train", smoke_overrides(**{"trainer.precision": precision}), tmp_path))
+    assert result["step"] == 4 and 0 < result["loss"] < 10
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["grad_scaler"] if precision == "fp16" else True
+
+
+def test_checkpoints_are_written_atomically_and_load_without_code(tmp_path):
+    path = save_checkpoint({"model": {"w": torch.ones(2)}, "step": 3}, tmp_path / "c.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+    assert load_checkpoint(path)["step"] == 3
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this would run on load",))
+
+    torch.save({"model": {}, "payload": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_keep_checkpoints_prunes_old_step_files(tmp_path):
+    overrides = smoke_overrides(**{"trainer.max_steps": 8, "trainer.checkpoint_every": 2, "trainer.keep_checkpoints": 2})
+    train(compose_config("train", overrides, tmp_path))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "step_6.pt", "step_8.pt"]
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 8
