@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -44,6 +45,51 @@ def format_duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class LogWindow:
+    """Loss and training time since the last log line; the loss part is checkpointed so resumed runs log the same."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window after a log line."""
+        self.loss_sum.zero_()
+        self.steps = self.timed_steps = 0
+        self.start, self.paused_seconds = time.perf_counter(), 0.0
+
+    def add(self, loss: torch.Tensor) -> None:
+        """Count one optimizer step (no host-device synchronisation)."""
+        self.loss_sum += loss
+        self.steps += 1
+        self.timed_steps += 1
+
+    def mean_loss(self) -> float:
+        """The mean loss over the window's steps."""
+        return self.loss_sum.item() / self.steps
+
+    def steps_per_second(self) -> float:
+        """Optimizer steps per second of training time, sampling and checkpointing excluded."""
+        return self.timed_steps / max(1e-9, time.perf_counter() - self.start - self.paused_seconds)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside does not count as training time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - start
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": self.loss_sum.item(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_sum.fill_(state["loss_sum"])
+        self.steps = state["steps"]
 
 
 class Trainer:
@@ -111,7 +157,6 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
-        self.loss_window = [0.0, 0]  # summed loss and steps since the last log line; checkpointed
 
     # --- the run --------------------------------------------------------------------------------
 
@@ -145,6 +190,7 @@ class Trainer:
         self.ema = EMA(model, **self.ema_options)
         self.generator = torch.Generator(self.device).manual_seed(self.seed)
         self.metrics_file = JSONLWriter(self.run_dir / "metrics.jsonl")
+        self.log_window = LogWindow(self.device)
         loader = build_loader(dataset, self.batch_size, self.num_workers, self.seed, self.device.type == "cuda")
         if resume_from is not None:
             self.restore(load_checkpoint(resume_from, map_location=self.device))
@@ -167,38 +213,35 @@ class Trainer:
     def train_loop(self, batches, stop: StopRequest, bar: tqdm) -> dict:
         """Optimizer steps until done; the body of a run (DDPM Algorithm 1 with the engineering around it)."""
         metrics: dict = {}
-        loss_sum = torch.tensor(self.loss_window[0], device=self.device)
-        window_steps, window_start = self.loss_window[1], time.perf_counter()
-        run_start, start_step, timed_steps, paused = window_start, self.step, 0, 0.0
+        window = self.log_window
+        run_start, start_step = time.perf_counter(), self.step
         while self.step < self.max_steps and not stop:
             loss, grad_norm = self.train_step(batches)
             self.step += 1
             self.ema.update(self.model, self.step)
-            loss_sum += loss
-            window_steps += 1
-            timed_steps += 1
+            window.add(loss)
             bar.update(1)
-            if self.log_every and (self.step % self.log_every == 0 or self.step == self.max_steps):
-                elapsed = time.perf_counter() - window_start - paused  # training time only
+            if self.due(self.log_every):
                 metrics = {
-                    "loss": loss_sum.item() / window_steps,
+                    "loss": window.mean_loss(),
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "grad_norm": float(grad_norm),
-                    "images_per_sec": timed_steps * self.batch_size * self.accumulation_steps / elapsed,
+                    "images_per_sec": window.steps_per_second() * self.batch_size * self.accumulation_steps,
                     "epoch": self.epoch,
                 }
                 remaining = (time.perf_counter() - run_start) / (self.step - start_step) * (self.max_steps - self.step)
                 self.log_metrics(metrics, bar, remaining)
-                loss_sum.zero_()
-                window_steps, timed_steps, window_start, paused = 0, 0, time.perf_counter(), 0.0
-            self.loss_window = [loss_sum, window_steps]
-            pause_start = time.perf_counter()
-            if self.sample_every and (self.step % self.sample_every == 0 or self.step == self.max_steps):
-                self.sample_grid()
-            if self.checkpoint_every and (self.step % self.checkpoint_every == 0 or self.step == self.max_steps):
-                self.save_checkpoint()
-            paused += time.perf_counter() - pause_start
+                window.reset()
+            with window.paused():
+                if self.due(self.sample_every):
+                    self.sample_grid()
+                if self.due(self.checkpoint_every):
+                    self.save_checkpoint()
         return metrics
+
+    def due(self, every: int) -> bool:
+        """Whether a cadence of ``every`` steps (0: never) fires now; each also fires at the last step."""
+        return bool(every) and (self.step % every == 0 or self.step == self.max_steps)
 
     def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over ``accumulation_steps`` micro-batches; returns (mean loss, gradient norm)."""
@@ -269,7 +312,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
-            "loss_window": [float(self.loss_window[0]), int(self.loss_window[1])],
+            "log_window": self.log_window.state_dict(),
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -290,7 +333,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.generator.set_state(state["rng"]["train_generator"].cpu())
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.loss_window = list(state.get("loss_window", [0.0, 0]))
+        self.log_window.load_state_dict(state["log_window"])
 
     def save_checkpoint(self, keep_step_file: bool = True) -> Path:
         """Write ``last.pt`` (and ``step_<N>.pt`` when kept), then prune the oldest step files."""
