@@ -61,6 +61,18 @@ def test_digits_are_the_sklearn_digits_scaled():
     assert images.min().item() == -1.0 and 0.9 < images.max().item() <= 1.0
 
 
+def test_digits_splits_are_disjoint_stratified_and_fixed():
+    train, test = DigitsDataset(image_size=8, split="train"), DigitsDataset(image_size=8, split="test")
+    assert (len(train), len(test)) == (1437, 360)
+    full = torch.bincount(DigitsDataset(image_size=8).labels)
+    assert ((torch.bincount(test.labels) - 0.2 * full).abs() <= 1).all()  # stratified: 20% of every class
+    flat = lambda d: {tuple(x.flatten().tolist()) + (int(y),) for x, y in zip(d.images, d.labels)}
+    assert len(flat(train) & flat(test)) < 5  # a handful of identical digits may exist in the data itself
+    assert torch.equal(DigitsDataset(image_size=8, split="test").images, test.images)
+    with pytest.raises(ValueError, match="dataset.split='val' is not known"):
+        DigitsDataset(split="val")
+
+
 def test_batch_order_resumes_mid_epoch():
     sampler = EpochBatchSampler(20, batch_size=3, seed=7)
     sampler.set_position(epoch=2)

@@ -14,20 +14,32 @@ class DigitsDataset(Dataset):
         image_size: side of the images, a multiple of 8 (16 or 32 are typical).
         channels: 1 for grayscale or 3 for RGB copies of it.
         random_flip: digits are not mirror-symmetric, so this defaults to False.
+        split: ``all`` (1,797 images), or the fixed stratified ``train`` (80%) / ``test`` (20%) halves used
+            to measure quality on held-out digits.
     """
 
-    def __init__(self, image_size: int = 16, channels: int = 1, random_flip: bool = False) -> None:
-        from sklearn.datasets import load_digits
+    SPLITS = ("all", "train", "test")
 
+    def __init__(self, image_size: int = 16, channels: int = 1, random_flip: bool = False, split: str = "all") -> None:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        if split not in self.SPLITS:
+            raise ValueError(f"dataset.split={split!r} is not known; choose one of {list(self.SPLITS)}")
         if channels not in (1, 3):
             raise ValueError(f"dataset.channels must be 1 or 3, got {channels}")
         if image_size < 8:
             raise ValueError(f"dataset.image_size must be at least 8 for the 8x8 digits, got {image_size}")
         digits = load_digits()
-        images = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+        index = list(range(len(digits.target)))
+        if split != "all":
+            train, test = train_test_split(index, test_size=0.2, random_state=0, stratify=digits.target)
+            index = sorted(train if split == "train" else test)
+        images = torch.as_tensor(digits.images[index], dtype=torch.float32)[:, None] / 16.0
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
         self.images = (images.clamp(0, 1) * 2 - 1).expand(-1, channels, -1, -1).contiguous()
-        self.labels = torch.as_tensor(digits.target, dtype=torch.long)
+        self.labels = torch.as_tensor(digits.target[index], dtype=torch.long)
+        self.split = split
         self.classes = [str(i) for i in range(10)]
         self.image_size = image_size
         self.channels = channels
