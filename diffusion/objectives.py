@@ -38,9 +38,9 @@ class Objective:
         raise NotImplementedError
 
     def to_x0_eps(
-        self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule
+        self, output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read the network's output as (predicted x_0, predicted eps)."""
+        """Read the network's output at x_t = alpha x_0 + sigma eps as (predicted x_0, predicted eps)."""
         raise NotImplementedError
 
     def loss(
@@ -66,5 +66,5 @@ class EpsilonObjective(Objective):
     def target(self, x0, noise, t, schedule):
         return noise
 
-    def to_x0_eps(self, output, x_t, t, schedule):
-        return schedule.predict_x0_from_eps(x_t, t, output), output
+    def to_x0_eps(self, output, x_t, alpha, sigma):
+        return (x_t - sigma * output) / alpha, output

@@ -40,10 +40,14 @@ def sample(cfg: DictConfig) -> Path:
     log.info("sampling %d images from %s (step %d, %s weights) on %s", cfg.num_images, cfg.checkpoint,
              state.get("step", -1), "EMA" if cfg.use_ema else "raw", device)
     num_batches = -(-cfg.num_images // cfg.batch_size)
-    with tqdm(total=num_batches * schedule.num_timesteps, desc="sample", dynamic_ncols=True,
-              disable=not sys.stderr.isatty()) as bar:
+    with tqdm(desc="sample", dynamic_ncols=True, disable=not sys.stderr.isatty()) as bar:
+
+        def progress(info: dict) -> None:
+            bar.total = num_batches * info["num_steps"]
+            bar.update(1)
+
         images = generate(model, schedule, objective, sampler, seeds, image_shape, None, cfg.batch_size,
-                          callback=lambda info: bar.update(1))
+                          callback=progress)
     out = Path(cfg.paths.output_dir)
     grid = save_grid(images, out / "grid.png", nrow=cfg.nrow, upscale=cfg.upscale)
     if cfg.save_images:

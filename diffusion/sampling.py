@@ -18,8 +18,9 @@ def make_denoiser(
     """Adapt a network to the sampler interface ``denoiser(x_t, t) -> (x0_hat, eps_hat)``."""
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha, sigma = (v.view(-1, *([1] * (x_t.ndim - 1))) for v in schedule.alpha_sigma(t))
         output = model(x_t, t, class_labels=class_labels).float()
-        return objective.to_x0_eps(output, x_t.float(), t, schedule)
+        return objective.to_x0_eps(output, x_t.float(), alpha, sigma)
 
     return denoise
 

@@ -56,6 +56,29 @@ class NoiseSchedule(nn.Module):
         """The number T of diffusion steps."""
         return self.betas.shape[0]
 
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)); a fractional t interpolates the log-SNR."""
+        if not t.is_floating_point():
+            return self.sqrt_alphas_cumprod[t], self.sqrt_one_minus_alphas_cumprod[t]
+        t = t.clamp(0, self.num_timesteps - 1)
+        low = t.floor().long().clamp(max=self.num_timesteps - 2)
+        weight = t - low
+        log_snr = torch.lerp(self.log_snr[low], self.log_snr[low + 1], weight)
+        return torch.sigmoid(log_snr).sqrt(), torch.sigmoid(-log_snr).sqrt()
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """Noise levels sigma_t = sqrt((1 - abar_t) / abar_t) of the equivalent variance-exploding process (EDM Eq. 4)."""
+        return torch.exp(-0.5 * self.log_snr)
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The fractional timestep whose noise level is ``sigma`` (log-sigma interpolated, as k-diffusion does)."""
+        log_sigmas = -0.5 * self.log_snr
+        log_sigma = sigma.clamp(min=1e-10).log().clamp(log_sigmas[0], log_sigmas[-1])
+        low = (torch.searchsorted(log_sigmas, log_sigma.contiguous()) - 1).clamp(0, self.num_timesteps - 2)
+        weight = (log_sigma - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])
+        return low + weight.clamp(0, 1)
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Sample x_t ~ q(x_t | x_0) by reparameterisation (DDPM Eq. 4)."""
         return (

@@ -33,6 +33,7 @@ def test_eps_objective_reads_outputs_as_x0_and_eps():
     schedule = LinearSchedule(100)
     x0, eps, t = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3), torch.tensor([0, 10, 50, 99])
     x_t = schedule.q_sample(x0, t, eps)
-    x0_hat, eps_hat = EpsilonObjective().to_x0_eps(eps, x_t, t, schedule)
+    alpha, sigma = (v.view(-1, 1, 1, 1) for v in schedule.alpha_sigma(t))
+    x0_hat, eps_hat = EpsilonObjective().to_x0_eps(eps, x_t, alpha, sigma)
     assert torch.equal(eps_hat, eps)
     torch.testing.assert_close(x0_hat, x0, atol=1e-3, rtol=1e-3)

@@ -1,9 +1,4 @@
-"""Samplers: pure functions from pure noise to images, sharing the schedule's precomputed quantities.
-
-Every sampler has the signature ``sample(denoiser, x, schedule, generators, callback=None, **options)``,
-where ``denoiser(x_t, t)`` returns ``(x0_hat, eps_hat)`` and ``generators`` holds one
-``torch.Generator`` per image, so each image is reproducible whatever batch it is drawn in.
-"""
+"""Ancestral sampling over every timestep (Ho et al. 2020, Algorithm 2)."""
 
 from __future__ import annotations
 
@@ -11,22 +6,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from diffusion.samplers.noise import Denoiser, randn_per_image
 from diffusion.schedules import NoiseSchedule
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def randn_per_image(like: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Standard normal noise shaped like ``like``, image i drawn (on the CPU) from ``generators[i]``."""
-    if len(generators) != like.shape[0]:
-        raise ValueError(f"need one generator per image: got {len(generators)} for a batch of {like.shape[0]}")
-    noise = torch.stack([torch.randn(like.shape[1:], generator=g, dtype=torch.float32) for g in generators])
-    return noise.to(device=like.device, dtype=like.dtype)
-
-
-def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per image, seeded with that image's seed."""
-    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
 
 @torch.no_grad()
