@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 
 def check_targets(node: Any, allowed: tuple[str, ...] = ("diffusion.",), where: str = "config") -> None:
@@ -20,6 +20,13 @@ def check_targets(node: Any, allowed: tuple[str, ...] = ("diffusion.",), where: 
     elif isinstance(node, ListConfig):
         for i, item in enumerate(node):
             check_targets(item, allowed, f"{where}[{i}]")
+
+
+def resolve_num_classes(cfg: DictConfig, dataset: Any) -> None:
+    """Replace ``model.num_classes: auto`` by the data set's class count, so the stored config rebuilds the model."""
+    if cfg.model.get("num_classes") == "auto":
+        with open_dict(cfg):
+            cfg.model.num_classes = dataset.num_classes
 
 
 def instantiate_from_checkpoint_config(config_yaml: str, keys: tuple[str, ...]) -> dict[str, Any]:

@@ -20,21 +20,41 @@ LOSSES = {
 }
 
 
-class Objective:
-    """Base class: a prediction target and an element-wise loss, averaged per image.
+WEIGHTINGS = ("uniform", "min_snr")
 
-    Subclasses say what the network predicts (``target``) and how to read its output as a
-    denoised image and a noise estimate (``to_x0_eps``), which is all a sampler needs.
+
+class Objective:
+    """Base class: a prediction target, an element-wise loss averaged per image, and its weighting over time.
+
+    Subclasses say what the network predicts (``target``), how to read its output as a denoised image and
+    a noise estimate (``to_x0_eps``, all a sampler needs), and how their squared error scales against
+    the squared error of x_0 (``x0_error_scale``, for min-SNR weighting).
+
+    Args:
+        loss: ``l2``, ``l1`` or ``huber`` (smooth L1 with threshold ``huber_delta``; the seed's loss).
+        weighting: ``uniform``, or ``min_snr`` (Hang et al. 2023): weight each timestep by
+            min(SNR_t, gamma) relative to the x_0 error, so low-noise steps don't dominate training.
+        min_snr_gamma: the gamma of min-SNR weighting.
+        p_uncond: probability of replacing a class label by the "no class" label, so that one conditional
+            model also learns the unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022).
     """
 
-    def __init__(self, loss: str = "l2", huber_delta: float = 1.0) -> None:
+    def __init__(self, loss: str = "l2", huber_delta: float = 1.0, weighting: str = "uniform",
+                 min_snr_gamma: float = 5.0, p_uncond: float = 0.0) -> None:
         if loss not in LOSSES:
             raise ValueError(f"objective.loss={loss!r} is not known; choose one of {sorted(LOSSES)}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"objective.weighting={weighting!r} is not known; choose one of {list(WEIGHTINGS)}")
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"objective.p_uncond must lie in [0, 1), got {p_uncond}")
         self.loss_name = loss
         self.huber_delta = huber_delta
+        self.weighting = weighting
+        self.min_snr_gamma = min_snr_gamma
+        self.p_uncond = p_uncond
 
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
-        """What the network should output for x_t built from ``x0`` and ``noise``."""
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """What the network should output for x_t = alpha x0 + sigma noise."""
         raise NotImplementedError
 
     def to_x0_eps(
@@ -42,6 +62,20 @@ class Objective:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Read the network's output at x_t = alpha x_0 + sigma eps as (predicted x_0, predicted eps)."""
         raise NotImplementedError
+
+    def x0_error_scale(self, snr: torch.Tensor) -> torch.Tensor:
+        """The squared error of this target divided by the squared error of the implied x_0."""
+        raise NotImplementedError
+
+    def check_schedule(self, schedule: NoiseSchedule) -> None:
+        """Raise a ValueError naming the fix when this objective cannot be used with ``schedule``."""
+
+    def drop_labels(self, class_labels: torch.Tensor, null_label: int, generator: torch.Generator | None) -> torch.Tensor:
+        """Replace each label by ``null_label`` with probability ``p_uncond``."""
+        if self.p_uncond == 0:
+            return class_labels
+        drop = torch.rand(class_labels.shape, device=class_labels.device, generator=generator) < self.p_uncond
+        return torch.where(drop, torch.full_like(class_labels, null_label), class_labels)
 
     def loss(
         self,
@@ -54,17 +88,59 @@ class Objective:
         """Per-image loss at uniformly drawn timesteps (DDPM Algorithm 1, lines 3-5)."""
         t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        x_t = schedule.q_sample(x0, t, noise)
-        output = model(x_t, t, class_labels=class_labels).float()
-        target = self.target(x0, noise, t, schedule).float()
-        return LOSSES[self.loss_name](output, target, self.huber_delta).flatten(1).mean(dim=1)
+        if class_labels is not None:
+            class_labels = self.drop_labels(class_labels, model.num_classes, generator)
+        alpha, sigma = (v.view(-1, *([1] * (x0.ndim - 1))) for v in schedule.alpha_sigma(t))
+        output = model(alpha * x0 + sigma * noise, t, class_labels=class_labels).float()
+        target = self.target(x0.float(), noise.float(), alpha, sigma)
+        per_image = LOSSES[self.loss_name](output, target, self.huber_delta).flatten(1).mean(dim=1)
+        if self.weighting == "min_snr":
+            snr = (alpha / sigma).flatten() ** 2
+            per_image = per_image * snr.clamp(max=self.min_snr_gamma) / self.x0_error_scale(snr)
+        return per_image
 
 
 class EpsilonObjective(Objective):
     """The network predicts the noise eps (Ho et al. 2020, Eq. 14)."""
 
-    def target(self, x0, noise, t, schedule):
+    def check_schedule(self, schedule):
+        if schedule.zero_terminal_snr:
+            raise ValueError(
+                "objective=eps cannot denoise pure noise at the last step of a zero-terminal-SNR schedule "
+                "(x_0 = (x_t - sigma eps) / alpha with alpha = 0): use objective=v (Lin et al. 2024) or objective=x0"
+            )
+
+    def target(self, x0, noise, alpha, sigma):
         return noise
 
     def to_x0_eps(self, output, x_t, alpha, sigma):
         return (x_t - sigma * output) / alpha, output
+
+    def x0_error_scale(self, snr):
+        return snr
+
+
+class X0Objective(Objective):
+    """The network predicts the clean image x_0 (Ho et al. 2020, Sec. 3.2; Ramesh et al. 2022)."""
+
+    def target(self, x0, noise, alpha, sigma):
+        return x0
+
+    def to_x0_eps(self, output, x_t, alpha, sigma):
+        return output, (x_t - alpha * output) / sigma
+
+    def x0_error_scale(self, snr):
+        return torch.ones_like(snr)
+
+
+class VObjective(Objective):
+    """The network predicts the velocity v = alpha eps - sigma x_0 (Salimans & Ho 2022, Sec. 4)."""
+
+    def target(self, x0, noise, alpha, sigma):
+        return alpha * noise - sigma * x0
+
+    def to_x0_eps(self, output, x_t, alpha, sigma):
+        return alpha * x_t - sigma * output, sigma * x_t + alpha * output
+
+    def x0_error_scale(self, snr):
+        return snr + 1

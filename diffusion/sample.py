@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -15,9 +16,11 @@ from tqdm import tqdm
 from diffusion.checkpoint import load_checkpoint, load_weights
 from diffusion.config import CONFIG_DIR, instantiate_from_checkpoint_config
 from diffusion.images import save_grid, save_images
+from diffusion.labels import resolve_class_labels
 from diffusion.rundir import shown
 from diffusion.sampling import generate
 from diffusion.trainer import resolve_device
+from diffusion.trajectory import TrajectoryRecorder
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,7 @@ def sample(cfg: DictConfig) -> Path:
     state = load_checkpoint(cfg.checkpoint, map_location="cpu")
     parts = instantiate_from_checkpoint_config(state.get("config", ""), ("model", "schedule", "objective"))
     model, schedule, objective = parts["model"], parts["schedule"], parts["objective"]
+    objective.check_schedule(schedule)
     if cfg.use_ema and "ema" in state:
         load_weights(model, state["ema"]["state_dict"], what="EMA weights")
     else:
@@ -35,21 +39,35 @@ def sample(cfg: DictConfig) -> Path:
     model.to(device).eval()
     schedule.to(device)
     sampler = instantiate(cfg.sampler)
-    seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
+    class_names = state.get("class_names") or (
+        [str(i) for i in range(model.num_classes)] if getattr(model, "num_classes", None) else None
+    )
+    labels, label_nrow = resolve_class_labels(cfg.class_label, cfg.num_images, class_names, cfg.nrow or 8)
+    num_images = len(labels) if labels is not None else cfg.num_images
+    seeds = list(range(cfg.seed, cfg.seed + num_images))
     image_shape = (model.in_channels, model.image_size, model.image_size)
-    log.info("sampling %d images from %s (step %d, %s weights) on %s", cfg.num_images, cfg.checkpoint,
-             state.get("step", -1), "EMA" if cfg.use_ema else "raw", device)
-    num_batches = -(-cfg.num_images // cfg.batch_size)
+    log.info("sampling %d images from %s (step %d, %s weights) on %s%s", num_images, shown(cfg.checkpoint),
+             state.get("step", -1), "EMA" if cfg.use_ema else "raw", device,
+             f", guidance scale {cfg.guidance_scale}" if labels is not None else "")
+    num_batches = -(-num_images // cfg.batch_size)
+    recorder = TrajectoryRecorder(cfg.gif_every) if cfg.gif else None
     with tqdm(desc="sample", dynamic_ncols=True, disable=not sys.stderr.isatty()) as bar:
 
         def progress(info: dict) -> None:
             bar.total = num_batches * info["num_steps"]
             bar.update(1)
+            if recorder is not None:
+                recorder(info)
 
-        images = generate(model, schedule, objective, sampler, seeds, image_shape, None, cfg.batch_size,
-                          callback=progress)
+        images = generate(model, schedule, objective, sampler, seeds, image_shape, labels, cfg.batch_size,
+                          callback=progress, guidance_scale=cfg.guidance_scale)
+    nrow = cfg.nrow or label_nrow
     out = Path(cfg.paths.output_dir)
-    grid = save_grid(images, out / "grid.png", nrow=cfg.nrow, upscale=cfg.upscale)
+    grid = save_grid(images, out / "grid.png", nrow=nrow, upscale=cfg.upscale)
+    if recorder is not None:
+        gif = recorder.save_gif(out / "trajectory.gif", nrow=nrow or math.ceil(math.sqrt(num_images)),
+                                upscale=max(2, cfg.upscale))
+        log.info("wrote %s", shown(gif))
     if cfg.save_images:
         save_images(images, out / "images", upscale=cfg.upscale)
     log.info("wrote %s%s", shown(grid), f" and {len(images)} images in {shown(out / 'images')}" if cfg.save_images else "")

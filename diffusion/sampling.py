@@ -12,14 +12,35 @@ from diffusion.samplers import Denoiser, image_generators, randn_per_image
 from diffusion.schedules import NoiseSchedule
 
 
+def guided_output(
+    model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, guidance_scale: float
+) -> torch.Tensor:
+    """Classifier-free guidance: uncond + w (cond - uncond) in one batched call (Ho & Salimans 2022, Eq. 6).
+
+    ``guidance_scale`` 1 is the conditional prediction alone, 0 the unconditional one (the "no class" label).
+    """
+    if class_labels is None or guidance_scale == 1.0:
+        return model(x_t, t, class_labels=class_labels).float()
+    null = torch.full_like(class_labels, model.num_classes)
+    if guidance_scale == 0.0:
+        return model(x_t, t, class_labels=null).float()
+    both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), class_labels=torch.cat([class_labels, null])).float()
+    conditional, unconditional = both.chunk(2)
+    return unconditional + guidance_scale * (conditional - unconditional)
+
+
 def make_denoiser(
-    model: nn.Module, objective: Objective, schedule: NoiseSchedule, class_labels: torch.Tensor | None = None
+    model: nn.Module,
+    objective: Objective,
+    schedule: NoiseSchedule,
+    class_labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> Denoiser:
     """Adapt a network to the sampler interface ``denoiser(x_t, t) -> (x0_hat, eps_hat)``."""
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         alpha, sigma = (v.view(-1, *([1] * (x_t.ndim - 1))) for v in schedule.alpha_sigma(t))
-        output = model(x_t, t, class_labels=class_labels).float()
+        output = guided_output(model, x_t, t, class_labels, guidance_scale)
         return objective.to_x0_eps(output, x_t.float(), alpha, sigma)
 
     return denoise
@@ -36,8 +57,9 @@ def generate(
     class_labels: Sequence[int] | None = None,
     batch_size: int = 64,
     callback: Callable[[dict], None] | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Sample one image per seed (in batches), returned on the CPU in [-1, 1]."""
+    """Sample one image per seed (in batches), returned on the CPU in [-1, 1]; ``class_labels`` one per seed."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -50,7 +72,7 @@ def generate(
             labels = None
             if class_labels is not None:
                 labels = torch.as_tensor(class_labels[start : start + batch_size], device=device, dtype=torch.long)
-            denoiser = make_denoiser(model, objective, schedule, labels)
+            denoiser = make_denoiser(model, objective, schedule, labels, guidance_scale)
             images.append(sampler(denoiser, x, schedule, generators, callback=callback).float().cpu())
     finally:
         model.train(was_training)

@@ -20,13 +20,15 @@ class NoiseSchedule(nn.Module):
     float64 from ``betas`` and stored as float32 buffers, so training and every sampler share them.
     """
 
-    def __init__(self, betas: torch.Tensor) -> None:
+    def __init__(self, betas: torch.Tensor, rescale_zero_terminal_snr: bool = False) -> None:
         super().__init__()
         betas = betas.to(torch.float64)
         if betas.ndim != 1 or len(betas) < 2:
             raise ValueError(f"betas must be a 1-D tensor of at least 2 steps, got shape {tuple(betas.shape)}")
         if not ((betas > 0) & (betas < 1)).all():
             raise ValueError("every beta must lie in (0, 1); check the schedule's beta_start/beta_end")
+        if rescale_zero_terminal_snr:
+            betas = zero_terminal_snr(betas)
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)
         alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
@@ -50,6 +52,11 @@ class NoiseSchedule(nn.Module):
         }
         for name, value in quantities.items():
             self.register_buffer(name, value.to(torch.float32), persistent=False)
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """Whether x_{T-1} is pure noise (abar_{T-1} = 0), as after Lin et al. 2024's rescaling."""
+        return bool(self.alphas_cumprod[-1] == 0)
 
     @property
     def num_timesteps(self) -> int:
@@ -110,23 +117,53 @@ class NoiseSchedule(nn.Module):
         return f"num_timesteps={self.num_timesteps}"
 
 
+def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(abar) so the last step has zero SNR and the first is unchanged (Lin et al. 2024, Alg. 1)."""
+    sqrt_abar = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    return 1.0 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
+
+
+def betas_from_alphas_cumprod(alphas_cumprod: torch.Tensor, max_beta: float) -> torch.Tensor:
+    """beta_t = 1 - abar_t / abar_{t-1} with abar_{-1} = 1, clipped at ``max_beta`` (Nichol & Dhariwal 2021, Sec. 3.2)."""
+    previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    return (1.0 - alphas_cumprod / previous).clamp(max=max_beta)
+
+
 class LinearSchedule(NoiseSchedule):
     """Betas linear from ``beta_start`` to ``beta_end`` (Ho et al. 2020, Sec. 4)."""
 
-    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
+    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 rescale_zero_terminal_snr: bool = False) -> None:
         if not 0 < beta_start <= beta_end < 1:
             raise ValueError(
                 f"linear schedule needs 0 < beta_start <= beta_end < 1, got {beta_start} and {beta_end}"
             )
-        super().__init__(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64))
+        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        super().__init__(betas, rescale_zero_terminal_snr)
 
 
 class CosineSchedule(NoiseSchedule):
     """abar_t = f(t) / f(0) with f(t) = cos^2(((t/T + s) / (1 + s)) pi/2) (Nichol & Dhariwal 2021, Eq. 17)."""
 
-    def __init__(self, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> None:
-        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
-        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-        alphas_cumprod = f / f[0]
-        betas = 1.0 - alphas_cumprod[1:] / alphas_cumprod[:-1]
-        super().__init__(betas.clamp(max=max_beta))
+    def __init__(self, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999,
+                 rescale_zero_terminal_snr: bool = False) -> None:
+        steps = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        f = lambda u: torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+        super().__init__(betas_from_alphas_cumprod(f(steps) / f(torch.zeros(())), max_beta), rescale_zero_terminal_snr)
+
+
+class SigmoidSchedule(NoiseSchedule):
+    """abar(u) = (sigmoid(end/tau) - sigmoid((u (end - start) + start)/tau)) / (sigmoid(end/tau) - sigmoid(start/tau)),
+    u = (t+1)/T (Chen 2023, "On the importance of noise scheduling", Algorithm 1)."""
+
+    def __init__(self, num_timesteps: int = 1000, start: float = -3.0, end: float = 3.0, tau: float = 1.0,
+                 max_beta: float = 0.999, rescale_zero_terminal_snr: bool = False) -> None:
+        if not start < end or tau <= 0:
+            raise ValueError(f"sigmoid schedule needs start < end and tau > 0, got {start}, {end}, {tau}")
+        u = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        v_start, v_end = torch.sigmoid(torch.tensor(start / tau)), torch.sigmoid(torch.tensor(end / tau))
+        alphas_cumprod = (v_end - torch.sigmoid((u * (end - start) + start) / tau)) / (v_end - v_start)
+        super().__init__(betas_from_alphas_cumprod(alphas_cumprod.clamp(min=1e-9), max_beta), rescale_zero_terminal_snr)

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.config import CONFIG_DIR
+from diffusion.config import CONFIG_DIR, resolve_num_classes
 from diffusion.rundir import checkpoint_to_resume, register_resolvers, shown
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,7 @@ def train(cfg: DictConfig) -> dict:
     log.info("run directory: %s", shown(cfg.paths.output_dir))
     torch.manual_seed(cfg.seed)
     dataset = instantiate(cfg.dataset)
+    resolve_num_classes(cfg, dataset)
     model = instantiate(cfg.model)
     schedule = instantiate(cfg.schedule)
     objective = instantiate(cfg.objective)

@@ -107,8 +107,10 @@ class Trainer:
         ema_decay, ema_warmup, ema_update_every, ema_start_step: the EMA of the weights (see ``EMA``).
         log_every, sample_every, checkpoint_every: cadences in optimizer steps (0 disables).
         keep_checkpoints: how many ``step_<N>.pt`` files to keep beside ``last.pt``.
-        num_samples: images in each sample grid; always drawn from the same seeds.
+        num_samples: images in each sample grid; always drawn from the same seeds. A class-conditional
+            model's grid has one row per class.
         sample_batch_size: images per sampling batch.
+        guidance_scale: classifier-free guidance of the sample grids of class-conditional models.
         progress_bar: ``auto`` shows a tqdm bar on a terminal and log lines otherwise; ``true``/``false`` force it.
     """
 
@@ -132,6 +134,7 @@ class Trainer:
         keep_checkpoints: int = 3,
         num_samples: int = 64,
         sample_batch_size: int = 64,
+        guidance_scale: float = 1.0,
         progress_bar: str | bool = "auto",
     ) -> None:
         if precision not in PRECISIONS:
@@ -153,6 +156,7 @@ class Trainer:
         self.keep_checkpoints = keep_checkpoints
         self.num_samples = num_samples
         self.sample_batch_size = sample_batch_size
+        self.guidance_scale = guidance_scale
         self.progress_bar = sys.stderr.isatty() if progress_bar == "auto" else bool(progress_bar)
         self.step = 0
         self.epoch = 0
@@ -184,6 +188,7 @@ class Trainer:
         self.logger = logger or NullLogger()
         self.config_yaml = config_yaml
         model.check_image_size(dataset.image_size, dataset.image_size)
+        objective.check_schedule(schedule)
         self.optimizer = optimizer(params=model.parameters())
         self.lr_scheduler = lr_scheduler(optimizer=self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -293,12 +298,15 @@ class Trainer:
     def sample_grid(self) -> Path:
         """Sample from the EMA weights with fixed seeds, so grids are comparable across steps."""
         num_classes = getattr(self.model, "num_classes", None)
-        labels = [i % num_classes for i in range(self.num_samples)] if num_classes else None
+        per_row = max(1, self.num_samples // num_classes) if num_classes else None
+        labels = [i // per_row for i in range(per_row * num_classes)] if num_classes else None
+        seeds = list(range(len(labels) if labels else self.num_samples))
         images = generate(
-            self.ema.model, self.schedule, self.objective, self.sampler, list(range(self.num_samples)),
+            self.ema.model, self.schedule, self.objective, self.sampler, seeds,
             (self.dataset.channels, self.dataset.image_size, self.dataset.image_size), labels, self.sample_batch_size,
+            guidance_scale=self.guidance_scale,
         )
-        path = save_grid(images, self.run_dir / "samples" / f"step_{self.step}.png")
+        path = save_grid(images, self.run_dir / "samples" / f"step_{self.step}.png", nrow=per_row)
         self.logger.log_image("samples", path, self.step)
         log.info("sample grid: %s", shown(path))
         return path
@@ -320,6 +328,7 @@ class Trainer:
             "grad_scaler": self.scaler.state_dict(),
             "rng": {**rng_state(), "train_generator": self.generator.get_state()},
             "config": self.config_yaml,
+            "class_names": list(getattr(self.dataset, "classes", []) or []),
             "code_version": code_version(),
         }
 

@@ -7,7 +7,7 @@ import torch
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
-from diffusion.config import CONFIG_DIR
+from diffusion.config import CONFIG_DIR, resolve_num_classes
 from diffusion.loggers import Logger
 from tests.conftest import compose_config, smoke_overrides
 
@@ -37,6 +37,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
             overrides["dataset.image_size"] = 32
     cfg = compose_config("train", [f"{group}={option}", *[f"{k}={v}" for k, v in overrides.items()]], tmp_path / "run")
     dataset = instantiate(cfg.dataset)
+    resolve_num_classes(cfg, dataset)
     model = instantiate(cfg.model)
     assert model.image_size == dataset.image_size and model.in_channels == dataset.channels
     schedule = instantiate(cfg.schedule)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from diffusion.objectives import EpsilonObjective
-from diffusion.schedules import LinearSchedule
+from diffusion.objectives import EpsilonObjective, VObjective, X0Objective
+from diffusion.schedules import CosineSchedule, LinearSchedule
 
 
 class NoiseOracle(torch.nn.Module):
@@ -37,3 +37,57 @@ def test_eps_objective_reads_outputs_as_x0_and_eps():
     x0_hat, eps_hat = EpsilonObjective().to_x0_eps(eps, x_t, alpha, sigma)
     assert torch.equal(eps_hat, eps)
     torch.testing.assert_close(x0_hat, x0, atol=1e-3, rtol=1e-3)
+
+
+OBJECTIVES = [EpsilonObjective, X0Objective, VObjective]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda c: c.__name__)
+def test_every_target_converts_back_to_x0_and_eps_exactly(objective):
+    schedule = CosineSchedule(1000)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 2, 3, 3, generator=g).double(), torch.randn(5, 2, 3, 3, generator=g).double()
+    abar = schedule.alphas_cumprod.double()[[0, 50, 500, 900, 999]].view(-1, 1, 1, 1)
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    x_t = alpha * x0 + sigma * eps
+    x0_hat, eps_hat = objective().to_x0_eps(objective().target(x0, eps, alpha, sigma), x_t, alpha, sigma)
+    torch.testing.assert_close(x0_hat, x0, atol=1e-9, rtol=1e-9)  # exact up to float64 rounding
+    torch.testing.assert_close(eps_hat, eps, atol=1e-9, rtol=1e-9)
+
+
+class OffByDelta(torch.nn.Module):
+    """Predicts, in the objective's own parameterisation, the x_0 that is off by ``delta`` everywhere."""
+
+    def __init__(self, x0, schedule, objective, delta):
+        super().__init__()
+        self.x0, self.schedule, self.objective, self.delta = x0, schedule, objective, delta
+        self.num_classes = None
+
+    def forward(self, x_t, t, class_labels=None):
+        alpha, sigma = (v.view(-1, 1, 1, 1) for v in self.schedule.alpha_sigma(t))
+        x0 = self.x0 + self.delta
+        return self.objective.target(x0, (x_t - alpha * x0) / sigma, alpha, sigma)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda c: c.__name__)
+def test_min_snr_weighting_is_min_snr_gamma_times_the_x0_error(objective):
+    schedule, delta, gamma = LinearSchedule(1000), 0.1, 5.0
+    x0 = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.randint(0, 1000, (16,), generator=torch.Generator().manual_seed(1))  # what loss() draws first
+    snr = (schedule.alphas_cumprod / (1 - schedule.alphas_cumprod))[t]
+    weighted = objective(weighting="min_snr", min_snr_gamma=gamma)
+    loss = weighted.loss(OffByDelta(x0, schedule, weighted, delta), schedule, x0, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(loss, snr.clamp(max=gamma) * delta**2, rtol=2e-3, atol=1e-7)
+    uniform = objective()
+    loss = uniform.loss(OffByDelta(x0, schedule, uniform, delta), schedule, x0, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(loss, uniform.x0_error_scale(snr) * delta**2, rtol=2e-3, atol=1e-7)
+
+
+def test_label_dropout_drops_the_requested_fraction():
+    objective = EpsilonObjective(p_uncond=0.2)
+    labels = torch.arange(10).repeat(10_000)
+    dropped = objective.drop_labels(labels, null_label=10, generator=torch.Generator().manual_seed(0))
+    fraction = (dropped == 10).float().mean().item()
+    assert fraction == pytest.approx(0.2, abs=0.005)  # 100,000 draws: standard error 0.0013
+    assert torch.equal(dropped[dropped != 10], labels[dropped != 10])
+    assert torch.equal(EpsilonObjective(p_uncond=0.0).drop_labels(labels, 10, None), labels)

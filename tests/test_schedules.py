@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffusion.schedules import CosineSchedule, LinearSchedule
+from diffusion.schedules import CosineSchedule, LinearSchedule, SigmoidSchedule
 
 
 def test_linear_schedule_matches_closed_form():
@@ -63,3 +63,36 @@ def test_q_sample_has_the_forward_process_statistics():
 def test_bad_schedule_arguments_are_refused():
     with pytest.raises(ValueError, match="beta_start <= beta_end"):
         LinearSchedule(num_timesteps=10, beta_start=0.02, beta_end=1e-4)
+
+
+def test_sigmoid_schedule_matches_closed_form():
+    T, start, end, tau = 1000, -3.0, 3.0, 1.0
+    schedule = SigmoidSchedule(num_timesteps=T, start=start, end=end, tau=tau)
+    sig = lambda z: 1 / (1 + math.exp(-z))
+    gamma = lambda u: (sig(end / tau) - sig((u * (end - start) + start) / tau)) / (sig(end / tau) - sig(start / tau))
+    for t in (0, 100, 500, 900):
+        assert schedule.alphas_cumprod[t].item() == pytest.approx(gamma((t + 1) / T), rel=1e-4)
+    assert (schedule.alphas_cumprod[1:] < schedule.alphas_cumprod[:-1]).all()
+
+
+@pytest.mark.parametrize("schedule_class", [LinearSchedule, CosineSchedule, SigmoidSchedule])
+def test_zero_terminal_snr_rescaling(schedule_class):
+    plain, rescaled = schedule_class(1000), schedule_class(1000, rescale_zero_terminal_snr=True)
+    assert rescaled.alphas_cumprod[-1].item() == 0.0 and rescaled.zero_terminal_snr and not plain.zero_terminal_snr
+    assert rescaled.alphas_cumprod[0].item() == pytest.approx(plain.alphas_cumprod[0].item(), rel=1e-6)
+    # Lin et al. 2024, Alg. 1: sqrt(abar) is shifted and scaled linearly
+    a, b = plain.sqrt_alphas_cumprod.double(), rescaled.sqrt_alphas_cumprod.double()
+    expected = (a - a[-1]) * a[0] / (a[0] - a[-1])
+    torch.testing.assert_close(b, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_zero_terminal_snr_refuses_what_cannot_work():
+    from diffusion.objectives import EpsilonObjective, VObjective
+    from diffusion.samplers import sampling_sigmas
+
+    schedule = LinearSchedule(100, rescale_zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="use objective=v"):
+        EpsilonObjective().check_schedule(schedule)
+    VObjective().check_schedule(schedule)
+    with pytest.raises(ValueError, match="use sampler=ddim or sampler=ddpm"):
+        sampling_sigmas(schedule, 10)

@@ -36,6 +36,11 @@ def sampling_sigmas(
 ) -> torch.Tensor:
     """``steps`` descending noise levels followed by 0, from the schedule's timesteps or on the Karras grid."""
     sigmas = schedule.sigmas.double()
+    if schedule.zero_terminal_snr:
+        raise ValueError(
+            "this sampler works with noise levels sigma, and a zero-terminal-SNR schedule has sigma = infinity "
+            "at its last step: use sampler=ddim or sampler=ddpm with it"
+        )
     if karras:
         grid = karras_sigmas(sigmas[0].item(), sigmas[-1].item(), steps, rho)
     else:
