@@ -28,6 +28,13 @@ def sigma_denoiser(denoiser: Denoiser, schedule: NoiseSchedule, clip_denoised: b
     return denoise
 
 
+def start(denoiser: Denoiser, noise: torch.Tensor, schedule: NoiseSchedule, steps: int, spacing: str, karras: bool,
+          clip_denoised: bool) -> tuple[list[float], Callable, torch.Tensor]:
+    """The descending noise levels, D(x; sigma), and the starting point: unit noise scaled to sigma_max."""
+    sigmas = sampling_sigmas(schedule, steps, spacing, karras).tolist()
+    return sigmas, sigma_denoiser(denoiser, schedule, clip_denoised), noise * math.sqrt(1.0 + sigmas[0] ** 2)
+
+
 def _report(callback, i: int, num_steps: int, sigma_next: float, x: torch.Tensor, x0: torch.Tensor) -> None:
     if callback is not None:
         callback({"i": i, "sigma": sigma_next, "num_steps": num_steps, "x": x / math.sqrt(1.0 + sigma_next**2), "x0": x0})
@@ -46,9 +53,7 @@ def sample_euler(
     clip_denoised: bool = True,
 ) -> torch.Tensor:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (EDM Eq. 3); NFE = steps."""
-    sigmas = sampling_sigmas(schedule, steps, spacing, karras).tolist()
-    denoise = sigma_denoiser(denoiser, schedule, clip_denoised)
-    x = x * math.sqrt(1.0 + sigmas[0] ** 2)
+    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, karras, clip_denoised)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = denoise(x, sigma)
         x = x + (x - x0) / sigma * (sigma_next - sigma)
@@ -69,9 +74,7 @@ def sample_heun(
     clip_denoised: bool = True,
 ) -> torch.Tensor:
     """Heun's second-order method (EDM Algorithm 1, deterministic); NFE = 2 steps - 1."""
-    sigmas = sampling_sigmas(schedule, steps, spacing, karras).tolist()
-    denoise = sigma_denoiser(denoiser, schedule, clip_denoised)
-    x = x * math.sqrt(1.0 + sigmas[0] ** 2)
+    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, karras, clip_denoised)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = denoise(x, sigma)
         slope = (x - x0) / sigma
@@ -99,9 +102,7 @@ def sample_euler_ancestral(
     clip_denoised: bool = True,
 ) -> torch.Tensor:
     """Euler down to sigma_down, then fresh noise up to sigma_next (k-diffusion's ancestral step); NFE = steps."""
-    sigmas = sampling_sigmas(schedule, steps, spacing, karras).tolist()
-    denoise = sigma_denoiser(denoiser, schedule, clip_denoised)
-    x = x * math.sqrt(1.0 + sigmas[0] ** 2)
+    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, karras, clip_denoised)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = denoise(x, sigma)
         sigma_up = min(sigma_next, eta * math.sqrt(max(0.0, sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)))
@@ -126,9 +127,7 @@ def sample_dpmpp_2m(
     clip_denoised: bool = True,
 ) -> torch.Tensor:
     """DPM-Solver++(2M), the second-order multistep solver of Lu et al. 2022, Algorithm 2; NFE = steps."""
-    sigmas = sampling_sigmas(schedule, steps, spacing, karras).tolist()
-    denoise = sigma_denoiser(denoiser, schedule, clip_denoised)
-    x = x * math.sqrt(1.0 + sigmas[0] ** 2)
+    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, karras, clip_denoised)
     previous_x0, previous_h = None, None
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = denoise(x, sigma)
