@@ -30,6 +30,12 @@ def train(cfg: DictConfig) -> dict:
     optimizer = instantiate(cfg.optimizer)
     lr_scheduler = instantiate(cfg.lr_scheduler)
     trainer = instantiate(cfg.trainer)
+    evaluator = None
+    if cfg.trainer.eval_every:
+        evaluator = instantiate(cfg.evaluation)(
+            extractor=instantiate(cfg.features), dataset=dataset, cache_dir=cfg.paths.cache_dir,
+            dataset_config=OmegaConf.to_container(cfg.dataset, resolve=True),
+        )
     resume_from = checkpoint_to_resume(cfg.resume, cfg.paths.output_dir)
     logger = instantiate(cfg.logger)
     exit_code = 1
@@ -47,6 +53,7 @@ def train(cfg: DictConfig) -> dict:
             logger=logger,
             resume_from=resume_from,
             config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+            evaluator=evaluator,
         )
         exit_code = 0
     finally:

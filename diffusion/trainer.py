@@ -111,6 +111,8 @@ class Trainer:
             model's grid has one row per class.
         sample_batch_size: images per sampling batch.
         guidance_scale: classifier-free guidance of the sample grids of class-conditional models.
+        eval_every: measure the EMA model with the ``evaluator`` given to ``fit`` (0: never); the best
+            measurement so far is kept as ``checkpoints/best.pt``.
         progress_bar: ``auto`` shows a tqdm bar on a terminal and log lines otherwise; ``true``/``false`` force it.
     """
 
@@ -135,6 +137,7 @@ class Trainer:
         num_samples: int = 64,
         sample_batch_size: int = 64,
         guidance_scale: float = 1.0,
+        eval_every: int = 0,
         progress_bar: str | bool = "auto",
     ) -> None:
         if precision not in PRECISIONS:
@@ -157,6 +160,8 @@ class Trainer:
         self.num_samples = num_samples
         self.sample_batch_size = sample_batch_size
         self.guidance_scale = guidance_scale
+        self.eval_every = eval_every
+        self.best: dict | None = None  # the best evaluation so far: metric, value, step
         self.progress_bar = sys.stderr.isatty() if progress_bar == "auto" else bool(progress_bar)
         self.step = 0
         self.epoch = 0
@@ -177,6 +182,7 @@ class Trainer:
         logger: Logger | None = None,
         resume_from: str | Path | None = None,
         config_yaml: str = "",
+        evaluator: Callable | None = None,
     ) -> dict:
         """Train until ``max_steps`` or a stop signal; return the last logged metrics and the stop reason."""
         self.run_dir = Path(run_dir)
@@ -187,6 +193,7 @@ class Trainer:
         self.dataset = dataset
         self.logger = logger or NullLogger()
         self.config_yaml = config_yaml
+        self.evaluator = evaluator
         model.check_image_size(dataset.image_size, dataset.image_size)
         objective.check_schedule(schedule)
         self.optimizer = optimizer(params=model.parameters())
@@ -240,6 +247,8 @@ class Trainer:
             with window.paused():
                 if self.due(self.sample_every):
                     self.sample_grid()
+                if self.evaluator is not None and self.due(self.eval_every):
+                    self.evaluate()
                 if self.due(self.checkpoint_every):
                     self.save_checkpoint()
         return metrics
@@ -311,6 +320,20 @@ class Trainer:
         log.info("sample grid: %s", shown(path))
         return path
 
+    def evaluate(self) -> dict:
+        """Measure the EMA model, log the metrics as ``eval/<name>``, and keep ``best.pt`` by the chosen metric."""
+        metrics = {f"eval/{key}": value for key, value in
+                   self.evaluator(self.ema.model, self.schedule, self.objective).items() if value is not None}
+        self.metrics_file.write({"step": self.step, **metrics})
+        self.logger.log_metrics(metrics, self.step)
+        metric, value = self.evaluator.metric, metrics[f"eval/{self.evaluator.metric}"]
+        log.info("evaluation at step %d: %s", self.step, "  ".join(f"{k[5:]} {v:.4g}" for k, v in metrics.items()))
+        if self.evaluator.better(value, self.best["value"] if self.best else None):
+            self.best = {"metric": metric, "value": value, "step": self.step}
+            save_checkpoint(self.state_dict(), self.run_dir / "checkpoints" / "best.pt")
+            log.info("best %s so far (%.4g): %s", metric, value, shown(self.run_dir / "checkpoints" / "best.pt"))
+        return metrics
+
     # --- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -321,6 +344,7 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "log_window": self.log_window.state_dict(),
+            "best": self.best,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -343,6 +367,7 @@ class Trainer:
         self.generator.set_state(state["rng"]["train_generator"].cpu())
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.log_window.load_state_dict(state["log_window"])
+        self.best = state.get("best")
 
     def save_checkpoint(self, keep_step_file: bool = True) -> Path:
         """Write ``last.pt`` (and ``step_<N>.pt`` when kept), then prune the oldest step files."""

@@ -19,7 +19,7 @@ def options(group: str) -> list[str]:
 
 
 def test_the_documented_groups_exist():
-    assert GROUPS == ["dataset", "debug", "experiment", "logger", "lr_scheduler", "model", "objective",
+    assert GROUPS == ["dataset", "debug", "experiment", "features", "logger", "lr_scheduler", "model", "objective",
                       "optimizer", "sampler", "schedule", "trainer"]
 
 
@@ -54,6 +54,12 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     logger = instantiate(cfg.logger)
     assert isinstance(logger, Logger)
     logger.finish()
+    if group == "features" and option == "inception":  # needs a weights file that can't be downloaded here
+        with pytest.raises(InstantiationException, match="features.weights_path"):
+            instantiate(cfg.features)
+    elif group == "features":
+        extractor = instantiate(cfg.features, cache_dir=tmp_path / "cache")
+        assert extractor.features(torch.zeros(2, 1, 16, 16)).shape == (2, extractor.feature_dim)
 
 
 def test_a_typo_in_an_override_is_an_error():

@@ -157,3 +157,19 @@ def test_a_two_by_two_sweep_makes_four_runs(tmp_path):
         seen.add((config.split("_target_: diffusion.schedules.")[1].split()[0], config.split("lr: ")[1].split()[0]))
     assert seen == {("LinearSchedule", "0.0001"), ("CosineSchedule", "0.0001"),
                     ("LinearSchedule", "0.0003"), ("CosineSchedule", "0.0003")}
+
+
+def test_in_training_evaluation_logs_metrics_and_keeps_the_best_checkpoint(tmp_path):
+    overrides = smoke_overrides(**{"trainer.max_steps": 6, "trainer.eval_every": 2, "evaluation.num_images": 20,
+                                   "evaluation.sampler.steps": 4, "paths.cache_dir": tmp_path / "cache",
+                                   "model.num_classes": "auto"})
+    train(compose_config("train", overrides, tmp_path / "run"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "eval/fd" in r]
+    assert [r["step"] for r in evaluations] == [2, 4, 6]
+    assert all(r["eval/fd"] > 0 and 0 <= r["eval/conditional_accuracy"] <= 1 for r in evaluations)
+    best = min(evaluations, key=lambda r: r["eval/fd"])
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert state["step"] == best["step"] and state["best"] == {"metric": "fd", "value": best["eval/fd"],
+                                                                "step": best["step"]}
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["best"] == state["best"]

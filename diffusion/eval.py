@@ -1,0 +1,181 @@
+"""``diffusion-eval``: FD, KID, precision/recall, Inception Score and conditional accuracy against a data set."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from diffusion.checkpoint import load_checkpoint, load_weights
+from diffusion.config import CONFIG_DIR, instantiate_from_checkpoint_config
+from diffusion.evaluation import compute_metrics, dataset_images, reference_statistics, requested_classes
+from diffusion.features import extract, in_batches
+from diffusion.images import save_images
+from diffusion.rundir import shown
+from diffusion.sampling import generate
+from diffusion.trainer import resolve_device
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("checkpoint", "images", "real_split")
+
+
+def dataset_labels(dataset) -> torch.Tensor:
+    """Every label of a data set, without decoding its images where it keeps them (``labels`` or ``samples``)."""
+    if hasattr(dataset, "labels"):
+        return torch.as_tensor(dataset.labels)
+    return torch.tensor([label for _, label in dataset.samples])
+
+
+def reference_dataset(cfg: DictConfig, split: str | None):
+    """The ``dataset`` group's data set; ``split`` picks a part of one with splits (digits), else all of it."""
+    if "split" in cfg.dataset and split:
+        return instantiate(cfg.dataset, split=split)
+    return instantiate(cfg.dataset)
+
+
+def sample_checkpoint(cfg: DictConfig, device: torch.device, image_size: int, channels: int):
+    """``num_images`` images sampled from the checkpoint (seed ``seed + i``, class ``i % num_classes``)."""
+    state = load_checkpoint(cfg.checkpoint, map_location="cpu")
+    parts = instantiate_from_checkpoint_config(state.get("config", ""), ("model", "schedule", "objective"))
+    model, schedule, objective = parts["model"], parts["schedule"], parts["objective"]
+    objective.check_schedule(schedule)
+    if (model.image_size, model.in_channels) != (image_size, channels):
+        raise ValueError(
+            f"the checkpoint makes {model.in_channels}-channel {model.image_size}x{model.image_size} images but the "
+            f"reference data set has {channels}-channel {image_size}x{image_size} ones: run with "
+            f"dataset.image_size={model.image_size} dataset.channels={model.in_channels}"
+        )
+    use_ema = cfg.use_ema and "ema" in state
+    load_weights(model, state["ema"]["state_dict"] if use_ema else state["model"],
+                 what="EMA weights" if use_ema else "model weights")
+    model.to(device).eval()
+    schedule.to(device)
+    num_classes = getattr(model, "num_classes", None)
+    class_names = state.get("class_names") or ([str(i) for i in range(num_classes)] if num_classes else None)
+    labels = [i % num_classes for i in range(cfg.num_images)] if num_classes else None
+    seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
+    log.info("sampling %d images from %s (step %d, %s weights%s) on %s", cfg.num_images, shown(cfg.checkpoint),
+             state.get("step", -1), "EMA" if use_ema else "raw",
+             f", class i % {num_classes}, guidance scale {cfg.guidance_scale}" if num_classes else "", device)
+    num_batches = -(-cfg.num_images // cfg.batch_size)
+    with tqdm(desc="sample", dynamic_ncols=True, disable=not sys.stderr.isatty()) as bar:
+
+        def progress(info: dict) -> None:
+            bar.total = num_batches * info["num_steps"]
+            bar.update(1)
+
+        image_shape = (channels, image_size, image_size)
+        images = generate(model, schedule, objective, instantiate(cfg.sampler), seeds, image_shape, labels,
+                          cfg.batch_size, callback=progress, guidance_scale=cfg.guidance_scale)
+    source = {"checkpoint": str(cfg.checkpoint), "step": int(state.get("step", -1)), "use_ema": use_ema}
+    return images, (torch.tensor(labels) if labels else None), source, class_names
+
+
+def chosen_source(cfg: DictConfig) -> str:
+    """Which of ``checkpoint``, ``images`` and ``real_split`` is measured; exactly one must be set."""
+    chosen = [name for name in SOURCES if cfg.get(name) not in (None, "")]
+    if len(chosen) != 1:
+        raise ValueError(f"diffusion-eval measures one source, got {chosen or 'none'}: pass exactly one of "
+                         "checkpoint=PATH, images=FOLDER or real_split=test")
+    if chosen == ["real_split"] and "split" not in cfg.dataset:
+        raise ValueError(f"real_split={cfg.real_split!r} needs a data set with splits (e.g. dataset=digits); "
+                         f"{cfg.dataset._target_} has none: use images=FOLDER with held-out images instead")
+    return chosen[0]
+
+
+def images_to_measure(cfg: DictConfig, reference, device: torch.device):
+    """The measured images, the class requested for each (or None), where they came from, the class names."""
+    source = chosen_source(cfg)
+    if source == "checkpoint":
+        return sample_checkpoint(cfg, device, reference.image_size, reference.channels)
+    if source == "images":
+        from diffusion.data import ImageFolderDataset
+
+        dataset = ImageFolderDataset(cfg.images, image_size=reference.image_size, channels=reference.channels,
+                                     random_flip=False)
+        source = {"images": str(cfg.images)}
+    else:
+        dataset = reference_dataset(cfg, split=cfg.real_split)
+        source = {"real_split": str(cfg.real_split)}
+    images = torch.cat(list(dataset_images(dataset, cfg.feature_batch_size)))
+    return images, dataset_labels(dataset), source, list(dataset.classes)
+
+
+def format_table(metrics: dict) -> str:
+    """The metrics as an aligned two-column table."""
+    rows = [(key, "n/a" if value is None else f"{value:.6g}") for key, value in metrics.items()]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join([f"{'metric':<{width}}  value", *(f"{key:<{width}}  {value}" for key, value in rows)])
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Measure the source of ``cfg`` against the reference data set; writes and returns ``eval.json``'s content."""
+    start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    out = Path(cfg.paths.output_dir)
+    chosen_source(cfg)  # fail before any work
+    extractor = instantiate(cfg.features)
+    reference_data = reference_dataset(cfg, split=cfg.reference_split)
+    seconds = {"extractor": time.perf_counter() - start}
+    images, labels, source, class_names = images_to_measure(cfg, reference_data, device)
+    seconds["images"] = time.perf_counter() - start - sum(seconds.values())
+    if cfg.save_images:
+        save_images(images, out / "images")
+    reference = reference_statistics(extractor, reference_data, OmegaConf.to_container(cfg.dataset, resolve=True),
+                                     cfg.paths.cache_dir, device, cfg.feature_batch_size)
+    features, probabilities = extract(extractor, in_batches(images, cfg.feature_batch_size), device)
+    seconds["features"] = time.perf_counter() - start - sum(seconds.values())
+    requested = requested_classes(labels, class_names, extractor)
+    metrics = compute_metrics(reference, features, probabilities, requested, **cfg.metrics)
+    seconds["metrics"] = time.perf_counter() - start - sum(seconds.values())
+    seconds["total"] = time.perf_counter() - start
+    result = {
+        "source": source,
+        "num_images": len(images),
+        "features": extractor.name,
+        "reference": {"dataset": cfg.dataset._target_, "split": getattr(reference_data, "split", None),
+                      "image_size": reference_data.image_size, "channels": reference_data.channels,
+                      "num_images": len(reference_data), "cache": str(reference["path"]),
+                      "cached": reference["cached"]},
+        "metrics": metrics,
+        "seconds": seconds,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    log.info("%d images (%s) against %d reference images (%s), features %s:\n%s", len(images),
+             ", ".join(f"{key}={value}" for key, value in source.items()),
+             len(reference_data), "cached" if reference["cached"] else "computed now", extractor.name,
+             format_table(metrics))
+    log.info("wrote %s (%.1fs)", shown(out / "eval.json"), seconds["total"])
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> float:
+    """Entry point of ``diffusion-eval`` and ``python -m diffusion.eval``; returns FD for sweepers."""
+    sys.stdout.reconfigure(line_buffering=True)
+    torch.set_grad_enabled(False)
+    logger = instantiate(cfg.logger)
+    exit_code = 1
+    try:
+        logger.log_config(OmegaConf.to_container(cfg, resolve=True))
+        result = evaluate(cfg)
+        logger.log_metrics({f"eval/{k}": v for k, v in result["metrics"].items() if v is not None},
+                           step=result["source"].get("step", 0))
+        exit_code = 0
+    finally:
+        logger.finish(exit_code)
+    return result["metrics"]["fd"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Measuring generated images against a reference data set: shared by ``diffusion-eval`` and training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffusion.checkpoint import save_checkpoint
+from diffusion.features import FeatureExtractor, extract, in_batches
+from diffusion.metrics import (
+    conditional_accuracy,
+    frechet_distance,
+    gaussian_statistics,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+)
+from diffusion.objectives import Objective
+from diffusion.sampling import generate
+from diffusion.schedules import NoiseSchedule
+
+METRIC_KEYS = ("fd", "kid", "kid_std", "precision", "recall", "inception_score", "inception_score_std",
+               "conditional_accuracy")
+LOWER_IS_BETTER = ("fd", "kid")
+
+
+def dataset_images(dataset, batch_size: int = 500):
+    """A data set's images as consecutive batches (labels dropped)."""
+    for start in range(0, len(dataset), batch_size):
+        yield torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
+
+
+def reference_statistics(extractor: FeatureExtractor, dataset, dataset_config: dict, cache_dir: str | Path,
+                         device: torch.device, batch_size: int = 500) -> dict:
+    """Features, probabilities and the Gaussian fit of the reference, computed once and cached under ``cache_dir``."""
+    dataset_cfg = {key: value for key, value in dataset_config.items() if key != "random_flip"}
+    dataset_cfg.update(split=getattr(dataset, "split", None), num_images=len(dataset))
+    key = json.dumps({"extractor": extractor.name, "dataset": dataset_cfg}, sort_keys=True)
+    name = "-".join(str(part) for part in (
+        dataset_cfg["_target_"].rsplit(".", 1)[-1].lower(), dataset_cfg["split"] or "all",
+        f"{dataset.image_size}px", hashlib.sha256(key.encode()).hexdigest()[:10],
+    ))
+    path = Path(cache_dir) / "reference" / extractor.name / f"{name}.pt"
+    if path.is_file():
+        stats = torch.load(path, map_location="cpu", weights_only=True)
+        if stats.get("key") == key:
+            return {**stats, "path": path, "cached": True}
+    features, probabilities = extract(extractor, dataset_images(dataset, batch_size), device)
+    mu, sigma = gaussian_statistics(features)
+    stats = {"key": key, "features": features, "mu": mu, "sigma": sigma, "probabilities": probabilities}
+    save_checkpoint(stats, path)
+    return {**stats, "path": path, "cached": False}
+
+
+def requested_classes(labels, class_names: list[str] | None, extractor: FeatureExtractor) -> torch.Tensor | None:
+    """The requested labels as the extractor's class indices; None unless it classifies these classes."""
+    if labels is None or not class_names or extractor.classes is None or int(labels.max()) >= len(class_names):
+        return None
+    if not set(class_names) <= set(extractor.classes):
+        return None
+    return torch.tensor([extractor.classes.index(class_names[int(label)]) for label in labels])
+
+
+def compute_metrics(reference: dict, features: torch.Tensor, probabilities, labels, kid_subsets: int = 100,
+                    kid_subset_size: int = 1000, nearest_neighbours: int = 3, inception_score_splits: int = 10,
+                    seed: int = 0) -> dict:
+    """Every metric the extractor and the source allow; the others are None."""
+    metrics = dict.fromkeys(METRIC_KEYS)
+    metrics["fd"] = frechet_distance(reference["mu"], reference["sigma"], *gaussian_statistics(features))
+    metrics["kid"], metrics["kid_std"] = kernel_inception_distance(
+        reference["features"], features, kid_subsets, kid_subset_size, seed)
+    metrics["precision"], metrics["recall"] = precision_recall(reference["features"], features,
+                                                               nearest_neighbours)
+    if probabilities is not None:
+        splits = min(inception_score_splits, len(probabilities))
+        metrics["inception_score"], metrics["inception_score_std"] = inception_score(probabilities, splits)
+    if labels is not None:
+        metrics["conditional_accuracy"] = conditional_accuracy(probabilities, labels)
+    return metrics
+
+
+class Evaluator:
+    """In-training evaluation: sample a fixed set from the model with a fast sampler and measure it.
+
+    Args:
+        extractor: the feature extractor (the ``features`` config group).
+        dataset: the reference data set (the training data).
+        dataset_config: its resolved config, part of the reference statistics' cache key.
+        cache_dir: where reference statistics are cached.
+        sampler: a fast sampler (e.g. DPM-Solver++ with 20 steps).
+        num_images: images sampled each time, always from seeds 0..num_images-1 (class i % num_classes).
+        batch_size: images per sampling batch.
+        guidance_scale: classifier-free guidance for class-conditional models.
+        metric: the metric that decides which checkpoint is ``best.pt``.
+    """
+
+    def __init__(self, extractor: FeatureExtractor, dataset, dataset_config: dict, cache_dir: str, sampler: Callable,
+                 num_images: int = 500, batch_size: int = 250, guidance_scale: float = 1.0, metric: str = "fd") -> None:
+        if metric not in METRIC_KEYS:
+            raise ValueError(f"evaluation.metric={metric!r} is not known; choose one of {list(METRIC_KEYS)}")
+        self.extractor, self.dataset, self.dataset_config = extractor, dataset, dataset_config
+        self.cache_dir, self.sampler, self.num_images = cache_dir, sampler, num_images
+        self.batch_size, self.guidance_scale, self.metric = batch_size, guidance_scale, metric
+        self.reference: dict | None = None
+
+    def better(self, value: float, best: float | None) -> bool:
+        """Whether ``value`` of the chosen metric beats ``best``."""
+        return best is None or (value < best if self.metric in LOWER_IS_BETTER else value > best)
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, schedule: NoiseSchedule, objective: Objective) -> dict:
+        """The metrics of ``num_images`` fresh samples of ``model``."""
+        device = next(model.parameters()).device
+        if self.reference is None:
+            self.reference = reference_statistics(self.extractor, self.dataset, self.dataset_config, self.cache_dir,
+                                                  device)
+        num_classes = getattr(model, "num_classes", None)
+        labels = [i % num_classes for i in range(self.num_images)] if num_classes else None
+        shape = (self.dataset.channels, self.dataset.image_size, self.dataset.image_size)
+        images = generate(model, schedule, objective, self.sampler, list(range(self.num_images)), shape, labels,
+                          self.batch_size, guidance_scale=self.guidance_scale)
+        features, probabilities = extract(self.extractor, in_batches(images, self.batch_size), device)
+        requested = requested_classes(torch.tensor(labels) if labels else None, getattr(self.dataset, "classes", None),
+                                      self.extractor)
+        return compute_metrics(self.reference, features, probabilities, requested)

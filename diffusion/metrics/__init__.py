@@ -1,0 +1,20 @@
+"""Sample-quality metrics: pure functions on feature tensors (and class probabilities)."""
+
+from diffusion.metrics.classification import conditional_accuracy
+from diffusion.metrics.frechet import frechet_distance, frechet_distance_from_features, gaussian_statistics
+from diffusion.metrics.inception_score import inception_score
+from diffusion.metrics.kid import kernel_inception_distance, polynomial_kernel
+from diffusion.metrics.precision_recall import knn_radii, manifold_coverage, precision_recall
+
+__all__ = [
+    "conditional_accuracy",
+    "frechet_distance",
+    "frechet_distance_from_features",
+    "gaussian_statistics",
+    "inception_score",
+    "kernel_inception_distance",
+    "polynomial_kernel",
+    "knn_radii",
+    "manifold_coverage",
+    "precision_recall",
+]
