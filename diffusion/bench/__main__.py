@@ -1,0 +1,5 @@
+"""``python -m diffusion.bench``."""
+
+from diffusion.bench.app import main
+
+main()

@@ -1,0 +1,107 @@
+"""The bench's settings, read from the config and checked, with errors that name the fix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion.bench.workloads import MODEL_DIR, ModelSetup, known_models
+from diffusion.trainer import PRECISIONS, resolve_device
+
+SETUP_KEYS = {"image_size", "channels", "batch_size", "sample_batch_size", "model"}
+
+
+@dataclass
+class BenchOptions:
+    """Everything ``bench`` needs to know, checked."""
+
+    setups: list[ModelSetup]
+    device: torch.device
+    precisions: list[str]
+    threads: int
+    warmup: int
+    repeats: int
+    min_repeat_seconds: float
+    variants: list[str]
+    peak_sizes: tuple[int, ...]
+    peak_repeats: int
+    loader_workers: int
+    image_folder: str | None
+    profile: ModelSetup | None
+    profile_steps: int
+    profile_rows: int
+    seed: int
+
+
+def model_setup(name: str, per_model: DictConfig) -> ModelSetup:
+    """The setup of model ``name`` from ``per_model``."""
+    if not (MODEL_DIR / f"{name}.yaml").is_file():
+        raise ValueError(f"bench model {name!r} has no conf/model/{name}.yaml; choose from {known_models()} (models=[...])")
+    if name not in per_model:
+        raise ValueError(
+            f"models lists {name!r} but per_model has no entry for it: add "
+            f"'+per_model.{name}={{image_size:32,channels:3,batch_size:16,sample_batch_size:16,model:{{}}}}'"
+        )
+    entry = OmegaConf.to_container(per_model[name], resolve=True)
+    unknown = sorted(set(entry) - SETUP_KEYS)
+    if unknown:
+        raise ValueError(f"per_model.{name} has unknown keys {unknown}; the keys are {sorted(SETUP_KEYS)}")
+    for key in ("image_size", "channels", "batch_size", "sample_batch_size"):
+        if not isinstance(entry.get(key), int) or entry[key] < 1:
+            raise ValueError(f"per_model.{name}.{key} must be a positive integer, got {entry.get(key)!r}")
+    return ModelSetup(name=name, **{"model": {}, **entry})
+
+
+def read_options(cfg: DictConfig) -> BenchOptions:
+    """Check the bench's config and turn it into ``BenchOptions``."""
+    if not cfg.models:
+        raise ValueError("models is empty: name at least one model config, e.g. models=[unet_tiny]")
+    setups = [model_setup(str(name), cfg.per_model) for name in cfg.models]
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device} but CUDA is not available here: use device=cpu or device=auto")
+    if cfg.precisions == "auto":
+        precisions = ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32"]
+    else:
+        precisions = [str(p) for p in cfg.precisions] if OmegaConf.is_list(cfg.precisions) else [str(cfg.precisions)]
+        unknown = [p for p in precisions if p not in PRECISIONS]
+        if unknown or not precisions:
+            raise ValueError(f"precisions={unknown or precisions} is not known: use auto or a list from {list(PRECISIONS)}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"threads={cfg.threads} must be positive, or null for PyTorch's default")
+    if cfg.warmup < 0 or cfg.repeats < 1 or cfg.min_repeat_seconds < 0:
+        raise ValueError(
+            f"warmup={cfg.warmup}, repeats={cfg.repeats}, min_repeat_seconds={cfg.min_repeat_seconds}: "
+            "use warmup >= 0, repeats >= 1 and min_repeat_seconds >= 0"
+        )
+    if not cfg.peak.sizes or min(cfg.peak.sizes) < 1 or cfg.peak.repeats < 1:
+        raise ValueError("peak.sizes must list positive matrix sides and peak.repeats be >= 1, e.g. peak.sizes=[1024,2048]")
+    if cfg.loader.num_workers < 0:
+        raise ValueError(f"loader.num_workers={cfg.loader.num_workers} must be >= 0")
+    folder = cfg.loader.image_folder
+    if folder is not None and not Path(folder).expanduser().is_dir():
+        raise ValueError(f"loader.image_folder={folder!r} is not a folder: point it at a folder of images, or null")
+    if cfg.profile and cfg.profile_steps < 1:
+        raise ValueError(f"profile_steps={cfg.profile_steps} must be >= 1 when profile=true")
+    variants = ["eager"] + [name for name in ("channels_last", "compile") if cfg[name]]
+    return BenchOptions(
+        setups=setups,
+        device=device,
+        precisions=precisions,
+        threads=int(cfg.threads or torch.get_num_threads()),
+        warmup=int(cfg.warmup),
+        repeats=int(cfg.repeats),
+        min_repeat_seconds=float(cfg.min_repeat_seconds),
+        variants=variants,
+        peak_sizes=tuple(int(n) for n in cfg.peak.sizes),
+        peak_repeats=int(cfg.peak.repeats),
+        loader_workers=int(cfg.loader.num_workers),
+        image_folder=None if folder is None else str(Path(folder).expanduser()),
+        profile=model_setup(str(cfg.profile_model), cfg.per_model) if cfg.profile else None,
+        profile_steps=int(cfg.profile_steps),
+        profile_rows=int(cfg.profile_rows),
+        seed=int(cfg.seed),
+    )

@@ -1,0 +1,83 @@
+"""The bench's outputs: a table with one row per model and precision, JSON, and profiler tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+COLUMNS = (
+    ("model", "{model}"),
+    ("size", "{image_size}x{image_size}x{channels}"),
+    ("batch", "{batch_size}/{sample_batch_size}"),
+    ("prec", "{precision}"),
+    ("engine img/s", "{train[engine_images_per_sec]:.2f}"),
+    ("bare img/s", "{train[bare_images_per_sec]:.2f}"),
+    ("eng/bare", "{train[engine_over_bare]:.3f}"),
+    ("train GF/img", "{train[gflops_per_image]:.3f}"),
+    ("train util", "{train[utilisation]:.1%}"),
+    ("sample img/s", "{sample[images_per_sec_per_eval]:.2f}"),
+    ("sample GF/img", "{sample[gflops_per_image]:.3f}"),
+    ("sample util", "{sample[utilisation]:.1%}"),
+    ("train MB", "{train[peak_memory_mb]:.0f}"),
+    ("sample MB", "{sample[peak_memory_mb]:.0f}"),
+    ("loader img/s", "{loader[digits_images_per_sec]:.0f}"),
+)
+
+
+def table(results: list[dict]) -> str:
+    """A plain-text table, one row per (model, precision); variants appear as ratios against eager."""
+    variants = sorted({name for row in results for name in row["variants"]})
+    header = [name for name, _ in COLUMNS] + [f"{v} train/sample" for v in variants]
+    if any(row["loader"].get("image_folder_images_per_sec") is not None for row in results):
+        header.append("folder img/s")
+    rows = [header]
+    for row in results:
+        cells = [fmt.format(**row) for _, fmt in COLUMNS]
+        for v in variants:
+            ratios = row["variants"].get(v)
+            cells.append(f"{ratios['train_over_eager']:.3f}/{ratios['sample_over_eager']:.3f}" if ratios else "-")
+        if len(header) > len(cells):
+            folder = row["loader"].get("image_folder_images_per_sec")
+            cells.append("-" if folder is None else f"{folder:.0f}")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: Path) -> Path:
+    """Write the whole report as indented JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def top_ops(profile: torch.profiler.profile, rows: int) -> list[dict]:
+    """The ``rows`` operators with the most self CPU time, with their share of the total."""
+    events = sorted(profile.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [
+        {
+            "name": e.key,
+            "self_cpu_ms": e.self_cpu_time_total / 1e3,
+            "self_cpu_percent": 100.0 * e.self_cpu_time_total / total,
+            "cpu_total_ms": e.cpu_time_total / 1e3,
+            "calls": e.count,
+        }
+        for e in events[:rows]
+    ]
+
+
+def ops_table(ops: list[dict], title: str) -> str:
+    """``top_ops`` as text."""
+    width = max([len(op["name"]) for op in ops] + [8])
+    lines = [title, f"{'op'.ljust(width)}  {'self ms':>9}  {'self %':>6}  {'total ms':>9}  {'calls':>6}"]
+    for op in ops:
+        lines.append(
+            f"{op['name'].ljust(width)}  {op['self_cpu_ms']:9.1f}  {op['self_cpu_percent']:6.1f}  "
+            f"{op['cpu_total_ms']:9.1f}  {op['calls']:6d}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,191 @@
+"""What the bench times: the engine's training loop, a bare PyTorch loop, sampling forwards, the data loader."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from diffusion.config import CONFIG_DIR
+from diffusion.data import build_loader
+from diffusion.objectives import Objective
+from diffusion.schedules import NoiseSchedule
+from diffusion.signals import StopRequest
+from diffusion.trainer import PRECISIONS, Trainer
+
+MODEL_DIR = Path(CONFIG_DIR) / "model"
+VARIANTS = ("eager", "channels_last", "compile")
+
+
+@dataclass
+class ModelSetup:
+    """One benchmarked model: its config file ``conf/model/<name>.yaml``, the data shape and the batch sizes."""
+
+    name: str
+    image_size: int
+    channels: int
+    batch_size: int
+    sample_batch_size: int
+    model: dict = field(default_factory=dict)  # overrides of the model config's keys
+
+
+@dataclass
+class Parts:
+    """The components a training step needs besides the model, as the config instantiates them."""
+
+    schedule: NoiseSchedule
+    objective: Objective
+    optimizer: Callable[..., torch.optim.Optimizer]
+    lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler]
+    trainer: Callable[..., Trainer]
+
+
+def known_models() -> list[str]:
+    """The model configs under ``conf/model/``."""
+    return sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))
+
+
+def build_model(setup: ModelSetup) -> nn.Module:
+    """Compose ``conf/model/<name>.yaml`` at the setup's image size and channels, with its overrides, and build it."""
+    path = MODEL_DIR / f"{setup.name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"models lists {setup.name!r}, which has no conf/model/{setup.name}.yaml; choose from {known_models()}")
+    root = OmegaConf.merge(
+        {"dataset": {"image_size": setup.image_size, "channels": setup.channels}, "model": OmegaConf.load(path)},
+        {"model": setup.model},
+    )
+    return instantiate(root.model)
+
+
+def prepare(model: nn.Module, variant: str) -> nn.Module:
+    """The model as a variant runs it: unchanged, in channels-last memory format, or compiled in place."""
+    if variant == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    elif variant == "compile":
+        model.compile()
+    return model
+
+
+def synthetic_batch(
+    batch_size: int, channels: int, image_size: int, seed: int = 0, channels_last: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform noise images in [-1, 1] with class 0 labels: the data does not change the arithmetic."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch_size, channels, image_size, image_size, generator=generator) * 2 - 1
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, torch.zeros(batch_size, dtype=torch.long)
+
+
+class InMemoryImages(Dataset):
+    """A data set holding one batch of images, shaped like the platform's data sets."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+        self.channels, self.image_size = images.shape[1], images.shape[-1]
+        self.random_flip = False
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[index], self.labels[index]
+
+
+class EngineWorkload:
+    """The engine's own loop: ``Trainer.fit`` for set-up and the first step, then ``Trainer.train_loop``.
+
+    Each step is ``Trainer.train_step`` (zero_grad, forward, loss, backward, clipping, optimizer and
+    LR-scheduler step) plus the EMA update, as in a run; logging, sample grids and checkpoints are
+    off, and the timed steps read one batch already on the device, so data loading is not timed.
+    """
+
+    def __init__(
+        self, trainer: Trainer, model: nn.Module, parts: Parts, batch: tuple[torch.Tensor, torch.Tensor], run_dir: Path
+    ) -> None:
+        self.trainer = trainer
+        trainer.max_steps = 1
+        trainer.fit(
+            model=model, schedule=parts.schedule, objective=parts.objective, sampler=None,
+            dataset=InMemoryImages(*batch), optimizer=parts.optimizer, lr_scheduler=parts.lr_scheduler, run_dir=run_dir,
+        )
+        self.batches = itertools.repeat(tuple(t.to(trainer.device) for t in batch))
+        self.bar = tqdm(disable=True)
+
+    def __call__(self, steps: int) -> None:
+        self.trainer.max_steps = self.trainer.step + steps
+        self.trainer.train_loop(self.batches, StopRequest(), self.bar)
+
+
+class BareWorkload:
+    """The same model and batch in a plain loop: forward, the objective's loss, backward, optimizer step."""
+
+    def __init__(self, model: nn.Module, parts: Parts, batch: tuple[torch.Tensor, torch.Tensor], precision: str,
+                 device: torch.device) -> None:
+        self.model = model.to(device).train()
+        self.schedule = parts.schedule.to(device)
+        self.objective = parts.objective
+        self.optimizer = parts.optimizer(params=model.parameters())
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.autocast = dict(device_type=device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
+        self.generator = torch.Generator(device).manual_seed(0)
+        images, labels = (t.to(device) for t in batch)
+        self.images, self.labels = images, labels if getattr(model, "num_classes", None) else None
+
+    def __call__(self, steps: int) -> None:
+        for _ in range(steps):
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(**self.autocast):
+                loss = self.objective.loss(self.model, self.schedule, self.images, self.generator, self.labels).mean()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+
+class SamplingWorkload:
+    """Network evaluations as a sampler makes them: a forward pass under ``no_grad`` at the sampling batch size."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, num_timesteps: int, precision: str,
+                 device: torch.device) -> None:
+        self.model = model
+        self.x = images.to(device)
+        self.t = torch.randint(0, num_timesteps, (len(images),), generator=torch.Generator().manual_seed(0)).to(device)
+        self.autocast = dict(device_type=device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
+
+    @torch.no_grad()
+    def __call__(self, steps: int) -> None:
+        was_training = self.model.training
+        self.model.eval()
+        with torch.autocast(**self.autocast):
+            for _ in range(steps):
+                self.model(self.x, self.t)
+        self.model.train(was_training)
+
+
+class LoaderWorkload:
+    """Batches through ``build_loader`` (shuffled, resumable), epoch after epoch, with nothing done to them."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> None:
+        self.loader = build_loader(dataset, batch_size, num_workers, seed, pin_memory=False)
+        self.batches = self._endless()
+
+    def _endless(self) -> Iterator:
+        for epoch in itertools.count():
+            self.loader.batch_sampler.set_position(epoch)
+            yield from self.loader
+
+    def __call__(self, steps: int) -> None:
+        for _ in range(steps):
+            next(self.batches)

@@ -1,0 +1,138 @@
+"""diffusion-bench: every figure is there and sane, FLOPs match an independent count, bad options name the fix."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffusion.bench import bench
+from diffusion.bench.measure import PeakMemory, count_flops, peak_matmul_flops
+from diffusion.bench.options import read_options
+from diffusion.bench.report import table
+from diffusion.bench.workloads import ModelSetup, build_model
+from diffusion.objectives import EpsilonObjective
+from diffusion.schedules import LinearSchedule
+from tests.conftest import cli, compose_config
+
+TINY = [
+    "models=[unet_tiny]", "per_model.unet_tiny.image_size=8", "per_model.unet_tiny.batch_size=4",
+    "per_model.unet_tiny.sample_batch_size=3", "device=cpu", "warmup=0", "repeats=2", "min_repeat_seconds=0",
+    "peak.sizes=[256]", "peak.repeats=2",
+]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = bench(compose_config("bench", [*TINY, "profile=true", "profile_model=unet_tiny", "profile_steps=1"], out))
+    return result, out
+
+
+def test_the_report_holds_every_figure_with_sane_values(report):
+    result, out = report
+    assert json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(result))
+    (row,) = result["results"]
+    assert (row["model"], row["image_size"], row["channels"], row["batch_size"]) == ("unet_tiny", 8, 1, 4)
+    train, sample, loader = row["train"], row["sample"], row["loader"]
+    assert train["engine_images_per_sec"] > 0 and train["bare_images_per_sec"] > 0
+    assert train["engine_over_bare"] == pytest.approx(train["engine_images_per_sec"] / train["bare_images_per_sec"])
+    assert len(train["engine_step_seconds"]) == len(train["bare_step_seconds"]) == 2
+    assert sample["images_per_sec_per_eval"] > 0 and loader["digits_images_per_sec"] > 0
+    assert loader["image_folder_images_per_sec"] is None
+    peak = result["peak_matmul_flops_per_sec"]["fp32"]
+    assert peak > 1e8
+    for part in (train, sample):
+        assert 0 < part["utilisation"] < 1.5
+        assert part["utilisation"] == pytest.approx(part["achieved_flops_per_sec"] / peak)
+        assert part["peak_memory_mb"] >= 0 and part["memory_measure"].startswith("cpu")
+    assert train["peak_memory_mb"] > 0
+    ratios = row["variants"]["channels_last"]
+    assert ratios["train_over_eager"] > 0 and ratios["sample_over_eager"] > 0
+    assert "compile" not in row["variants"]
+    assert result["machine"]["threads"] == torch.get_num_threads() and len(result["machine"]["load_average_after"]) == 3
+    lines = table(result["results"]).splitlines()
+    assert len(lines) == 3 and lines[2].split()[:4] == ["unet_tiny", "8x8x1", "4/3", "fp32"]
+
+
+def test_the_profile_lists_the_top_ops_by_self_time(report):
+    profile = report[0]["profile"]
+    ops = profile["train_top_ops"]
+    assert profile["model"] == "unet_tiny" and 0 < len(ops) <= 15
+    assert [op["self_cpu_ms"] for op in ops] == sorted((op["self_cpu_ms"] for op in ops), reverse=True)
+    assert any("conv" in op["name"] for op in ops) and any("conv" in op["name"] for op in profile["sample_top_ops"])
+
+
+def test_flops_per_image_equal_an_independent_count(report):
+    row = report[0]["results"][0]
+    torch.manual_seed(0)
+    model = build_model(ModelSetup("unet_tiny", image_size=8, channels=1, batch_size=4, sample_batch_size=3))
+    assert model.image_size == 8 and any("Attention" in type(m).__name__ for m in model.modules())
+    schedule, x = LinearSchedule(), torch.randn(4, 1, 8, 8)
+    # attention through the math path: plain bmm calls that FlopCounterMode counts without help
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as train_count:
+        EpsilonObjective().loss(model, schedule, x).mean().backward()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as sample_count, torch.no_grad():
+        model(x[:3], torch.tensor([5, 50, 500]))
+    assert row["train"]["flops_per_image"] == train_count.get_total_flops() / 4
+    assert row["sample"]["flops_per_image"] == sample_count.get_total_flops() / 3
+
+
+def test_cpu_attention_kernels_are_counted():
+    b, h, s, d = 2, 4, 64, 16
+    q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+    forward = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    both = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward())
+    assert forward == 4 * b * h * s * s * d
+    assert both == 3 * forward  # backward: four products of the forward's size
+
+
+def test_the_matmul_peak_is_a_positive_rate():
+    peak = peak_matmul_flops(torch.device("cpu"), torch.float32, (64, 128), repeats=2)
+    assert 1e8 < peak < 1e14
+    with pytest.raises(ValueError, match="peak.sizes"):
+        peak_matmul_flops(torch.device("cpu"), torch.float32, (), repeats=2)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with PeakMemory(torch.device("cpu")) as memory:
+        block = torch.ones(16 * 2**20)  # 64 MiB, touched
+        del block
+    assert memory.peak_bytes >= 60 * 2**20, memory.method
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["models=[unet_huge]"], r"no conf/model/unet_huge.yaml; choose from \['unet_base'"),
+        (["models=[]"], r"models=\[unet_tiny\]"),
+        (["models=[unet_small]", "~per_model.unet_small"], r"add '\+per_model.unet_small="),
+        (["per_model.unet_tiny.batch_size=0"], "per_model.unet_tiny.batch_size must be a positive integer"),
+        (["+per_model.unet_tiny.size=3"], "unknown keys"),
+        (["precisions=[fp64]"], "use auto or a list from"),
+        (["repeats=0"], "repeats >= 1"),
+        (["warmup=-1"], "warmup >= 0"),
+        (["threads=0"], "threads=0 must be positive"),
+        (["loader.image_folder=/no/such/folder"], "point it at a folder of images"),
+        (["peak.sizes=[]"], "peak.sizes must list"),
+    ],
+)
+def test_invalid_options_raise_errors_that_name_the_fix(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        read_options(compose_config("bench", overrides))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no GPU")
+def test_asking_for_cuda_without_one_names_the_fix():
+    with pytest.raises(ValueError, match="use device=cpu or device=auto"):
+        read_options(compose_config("bench", ["device=cuda"]))
+
+
+def test_the_command_writes_bench_json_in_a_dated_run_directory(tmp_path):
+    result = cli("bench", *TINY, "channels_last=false", cwd=tmp_path)
+    (path,) = (tmp_path / "runs" / "bench").glob("*/bench.json")
+    row = json.loads(path.read_text())["results"][0]
+    assert row["variants"] == {} and math.isfinite(row["train"]["utilisation"])
+    assert "unet_tiny" in result.stdout and "engine img/s" in result.stdout
