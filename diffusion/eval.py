@@ -14,11 +14,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from diffusion.checkpoint import load_checkpoint, load_weights
-from diffusion.config import CONFIG_DIR, instantiate_from_checkpoint_config
+from diffusion.config import CONFIG_DIR
 from diffusion.evaluation import compute_metrics, dataset_images, reference_statistics, requested_classes
 from diffusion.features import extract, in_batches
 from diffusion.images import save_images
+from diffusion.pretrained import load_trained
 from diffusion.rundir import shown
 from diffusion.sampling import generate
 from diffusion.trainer import resolve_device
@@ -44,23 +44,16 @@ def reference_dataset(cfg: DictConfig, split: str | None):
 
 def sample_checkpoint(cfg: DictConfig, device: torch.device, image_size: int, channels: int):
     """``num_images`` images sampled from the checkpoint (seed ``seed + i``, class ``i % num_classes``)."""
-    state = load_checkpoint(cfg.checkpoint, map_location="cpu")
-    parts = instantiate_from_checkpoint_config(state.get("config", ""), ("model", "schedule", "objective"))
-    model, schedule, objective = parts["model"], parts["schedule"], parts["objective"]
-    objective.check_schedule(schedule)
+    trained = load_trained(cfg.checkpoint, cfg.use_ema, device)
+    model, schedule, objective, state, use_ema = (trained.model, trained.schedule, trained.objective,
+                                                  trained.state, trained.use_ema)
     if (model.image_size, model.in_channels) != (image_size, channels):
         raise ValueError(
             f"the checkpoint makes {model.in_channels}-channel {model.image_size}x{model.image_size} images but the "
             f"reference data set has {channels}-channel {image_size}x{image_size} ones: run with "
             f"dataset.image_size={model.image_size} dataset.channels={model.in_channels}"
         )
-    use_ema = cfg.use_ema and "ema" in state
-    load_weights(model, state["ema"]["state_dict"] if use_ema else state["model"],
-                 what="EMA weights" if use_ema else "model weights")
-    model.to(device).eval()
-    schedule.to(device)
-    num_classes = getattr(model, "num_classes", None)
-    class_names = state.get("class_names") or ([str(i) for i in range(num_classes)] if num_classes else None)
+    num_classes, class_names = getattr(model, "num_classes", None), trained.class_names
     labels = [i % num_classes for i in range(cfg.num_images)] if num_classes else None
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
     log.info("sampling %d images from %s (step %d, %s weights%s) on %s", cfg.num_images, shown(cfg.checkpoint),

@@ -13,10 +13,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from diffusion.checkpoint import load_checkpoint, load_weights
-from diffusion.config import CONFIG_DIR, instantiate_from_checkpoint_config
+from diffusion.config import CONFIG_DIR
 from diffusion.images import save_grid, save_images
 from diffusion.labels import resolve_class_labels
+from diffusion.pretrained import load_trained
 from diffusion.rundir import shown
 from diffusion.sampling import generate
 from diffusion.trainer import resolve_device
@@ -28,26 +28,16 @@ log = logging.getLogger(__name__)
 def sample(cfg: DictConfig) -> Path:
     """Sample ``cfg.num_images`` images (image i from seed ``cfg.seed + i``); returns the grid's path."""
     device = resolve_device(cfg.device)
-    state = load_checkpoint(cfg.checkpoint, map_location="cpu")
-    parts = instantiate_from_checkpoint_config(state.get("config", ""), ("model", "schedule", "objective"))
-    model, schedule, objective = parts["model"], parts["schedule"], parts["objective"]
-    objective.check_schedule(schedule)
-    if cfg.use_ema and "ema" in state:
-        load_weights(model, state["ema"]["state_dict"], what="EMA weights")
-    else:
-        load_weights(model, state["model"], what="model weights")
-    model.to(device).eval()
-    schedule.to(device)
+    trained = load_trained(cfg.checkpoint, cfg.use_ema, device)
+    model, schedule, objective, state, class_names = (trained.model, trained.schedule, trained.objective,
+                                                      trained.state, trained.class_names)
     sampler = instantiate(cfg.sampler)
-    class_names = state.get("class_names") or (
-        [str(i) for i in range(model.num_classes)] if getattr(model, "num_classes", None) else None
-    )
     labels, label_nrow = resolve_class_labels(cfg.class_label, cfg.num_images, class_names, cfg.nrow or 8)
     num_images = len(labels) if labels is not None else cfg.num_images
     seeds = list(range(cfg.seed, cfg.seed + num_images))
     image_shape = (model.in_channels, model.image_size, model.image_size)
     log.info("sampling %d images from %s (step %d, %s weights) on %s%s", num_images, shown(cfg.checkpoint),
-             state.get("step", -1), "EMA" if cfg.use_ema else "raw", device,
+             state.get("step", -1), "EMA" if trained.use_ema else "raw", device,
              f", guidance scale {cfg.guidance_scale}" if labels is not None else "")
     num_batches = -(-num_images // cfg.batch_size)
     recorder = TrajectoryRecorder(cfg.gif_every) if cfg.gif else None

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from diffusion.config import CONFIG_DIR
-from diffusion.data import build_loader
+from diffusion.data import TensorImageDataset, build_loader
 from diffusion.objectives import Objective
 from diffusion.schedules import NoiseSchedule
 from diffusion.signals import StopRequest
@@ -85,25 +85,6 @@ def synthetic_batch(
     return images, torch.zeros(batch_size, dtype=torch.long)
 
 
-class InMemoryImages(Dataset):
-    """A data set holding one batch of images, shaped like the platform's data sets."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels = images, labels
-        self.channels, self.image_size = images.shape[1], images.shape[-1]
-        self.random_flip = False
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.labels[index])
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return self.images[index], self.labels[index]
-
-
 class EngineWorkload:
     """The engine's own loop: ``Trainer.fit`` for set-up and the first step, then ``Trainer.train_loop``.
 
@@ -119,7 +100,7 @@ class EngineWorkload:
         trainer.max_steps = 1
         trainer.fit(
             model=model, schedule=parts.schedule, objective=parts.objective, sampler=None,
-            dataset=InMemoryImages(*batch), optimizer=parts.optimizer, lr_scheduler=parts.lr_scheduler, run_dir=run_dir,
+            dataset=TensorImageDataset(*batch), optimizer=parts.optimizer, lr_scheduler=parts.lr_scheduler, run_dir=run_dir,
         )
         self.batches = itertools.repeat(tuple(t.to(trainer.device) for t in batch))
         self.bar = tqdm(disable=True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+
+from diffusion.data.tensor import TensorImageDataset
 
 
-class DigitsDataset(Dataset):
+class DigitsDataset(TensorImageDataset):
     """The digits scaled to ``image_size`` (bilinear) and to [-1, 1]; nothing is downloaded.
 
     Args:
@@ -37,26 +38,10 @@ class DigitsDataset(Dataset):
             index = sorted(train if split == "train" else test)
         images = torch.as_tensor(digits.images[index], dtype=torch.float32)[:, None] / 16.0
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
-        self.images = (images.clamp(0, 1) * 2 - 1).expand(-1, channels, -1, -1).contiguous()
-        self.labels = torch.as_tensor(digits.target[index], dtype=torch.long)
+        super().__init__(
+            images=(images.clamp(0, 1) * 2 - 1).expand(-1, channels, -1, -1).contiguous(),
+            labels=torch.as_tensor(digits.target[index], dtype=torch.long),
+            classes=[str(i) for i in range(10)],
+            random_flip=random_flip,
+        )
         self.split = split
-        self.classes = [str(i) for i in range(10)]
-        self.image_size = image_size
-        self.channels = channels
-        self.random_flip = random_flip
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (10)."""
-        return len(self.classes)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.labels[index])
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A whole batch at once: one indexing operation instead of a collate."""
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return self.images[index], self.labels[index]

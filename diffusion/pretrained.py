@@ -1,0 +1,40 @@
+"""A trained model rebuilt from a checkpoint alone, ready to sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffusion.checkpoint import load_checkpoint, load_weights
+from diffusion.config import instantiate_from_checkpoint_config
+from diffusion.objectives import Objective
+from diffusion.schedules import NoiseSchedule
+
+
+@dataclass
+class TrainedModel:
+    """The network (in eval mode), its schedule and objective, the checkpoint's contents and its class names."""
+
+    model: nn.Module
+    schedule: NoiseSchedule
+    objective: Objective
+    state: dict
+    use_ema: bool
+    class_names: list[str] | None
+
+
+def load_trained(path: str | Path, use_ema: bool = True, device: torch.device | str = "cpu") -> TrainedModel:
+    """Rebuild model, schedule and objective from the config stored in a checkpoint, with its EMA (or raw) weights."""
+    state = load_checkpoint(path, map_location="cpu")
+    parts = instantiate_from_checkpoint_config(state.get("config", ""), ("model", "schedule", "objective"))
+    model, schedule, objective = parts["model"], parts["schedule"], parts["objective"]
+    objective.check_schedule(schedule)
+    use_ema = use_ema and "ema" in state
+    load_weights(model, state["ema"]["state_dict"] if use_ema else state["model"],
+                 what="EMA weights" if use_ema else "model weights")
+    num_classes = getattr(model, "num_classes", None)
+    class_names = state.get("class_names") or ([str(i) for i in range(num_classes)] if num_classes else None)
+    return TrainedModel(model.to(device).eval(), schedule.to(device), objective, state, use_ema, class_names)
