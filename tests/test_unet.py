@@ -54,3 +54,14 @@ def test_image_size_the_levels_cannot_divide_is_refused_with_the_fix():
 def test_attention_at_a_resolution_no_level_has_is_refused():
     with pytest.raises(ValueError, match=r"attention_resolutions \[5\] match no level.*choose from \[16, 8\]"):
         UNet(image_size=16, attention_resolutions=(5,), **TINY)
+
+
+def test_the_channels_last_layout_gives_the_same_predictions():
+    kwargs = dict(image_size=16, in_channels=3, attention_resolutions=(8,), num_classes=4, **TINY)
+    contiguous, channels_last = UNet(**kwargs, channels_last=False), UNet(**kwargs, channels_last=True)
+    perturb_zero_layers(contiguous)
+    channels_last.load_state_dict(contiguous.state_dict())
+    assert channels_last.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x, t, labels = torch.randn(3, 3, 16, 16), torch.tensor([1, 400, 999]), torch.tensor([0, 3, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(channels_last(x, t, labels), contiguous(x, t, labels), atol=1e-5, rtol=1e-5)
