@@ -67,9 +67,15 @@ def sample_checkpoint(cfg: DictConfig, device: torch.device, image_size: int, ch
             bar.update(1)
 
         image_shape = (channels, image_size, image_size)
-        images = generate(model, schedule, objective, instantiate(cfg.sampler), seeds, image_shape, labels,
-                          cfg.batch_size, callback=progress, guidance_scale=cfg.guidance_scale)
-    source = {"checkpoint": str(cfg.checkpoint), "step": int(state.get("step", -1)), "use_ema": use_ema}
+        forward_calls = []
+        hook = model.register_forward_hook(lambda *_: forward_calls.append(1))
+        try:
+            images = generate(model, schedule, objective, instantiate(cfg.sampler), seeds, image_shape, labels,
+                              cfg.batch_size, callback=progress, guidance_scale=cfg.guidance_scale)
+        finally:
+            hook.remove()
+    source = {"checkpoint": str(cfg.checkpoint), "step": int(state.get("step", -1)), "use_ema": use_ema,
+              "nfe": len(forward_calls) // num_batches}  # network evaluations per image (a guided pair counts once)
     return images, (torch.tensor(labels) if labels else None), source, class_names
 
 

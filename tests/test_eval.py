@@ -108,6 +108,23 @@ def test_diffusion_eval_of_a_checkpoint_writes_every_metric(conditional_checkpoi
     assert result["source"]["step"] == 4 and result["source"]["use_ema"]
 
 
+def test_a_sampler_sweep_ends_with_a_report_of_every_job(conditional_checkpoint, cache_dir, tmp_path):
+    cli("eval", "-m", "sampler=ddim,heun", "sampler.steps=3,5", f"checkpoint={conditional_checkpoint}",
+        "num_images=10", "batch_size=10", "device=cpu", f"paths.runs_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+        cwd=tmp_path)
+    sweep = next((tmp_path / "eval" / "multirun").iterdir())
+    report = json.loads((sweep / "report.json").read_text())
+    assert [row["overrides"] for row in report] == [
+        "sampler=ddim sampler.steps=3", "sampler=ddim sampler.steps=5",
+        "sampler=heun sampler.steps=3", "sampler=heun sampler.steps=5"]
+    assert [row["nfe"] for row in report] == [3, 5, 5, 9]  # Heun: 2 steps - 1 network evaluations
+    for row in report:
+        job = json.loads((sweep / str(row["job"]) / "eval.json").read_text())
+        assert row["fd"] == job["metrics"]["fd"] and row["seconds_per_image"] > 0
+    table = (sweep / "report.md").read_text().splitlines()
+    assert len(table) == 2 + 4 and "| job | overrides | nfe | fd |" in table[0]
+
+
 def test_a_checkpoint_of_another_size_than_the_reference_names_the_fix(conditional_checkpoint, cache_dir, tmp_path):
     cfg = eval_config(tmp_path, cache_dir, f"checkpoint={conditional_checkpoint}", "dataset.image_size=32")
     with pytest.raises(ValueError, match=r"16x16 images .* 32x32 ones: run with dataset.image_size=16"):

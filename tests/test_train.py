@@ -157,6 +157,14 @@ def test_a_two_by_two_sweep_makes_four_runs(tmp_path):
         seen.add((config.split("_target_: diffusion.schedules.")[1].split()[0], config.split("lr: ")[1].split()[0]))
     assert seen == {("LinearSchedule", "0.0001"), ("CosineSchedule", "0.0001"),
                     ("LinearSchedule", "0.0003"), ("CosineSchedule", "0.0003")}
+    report = json.loads((jobs[0].parent / "report.json").read_text())  # written when the sweep ends
+    assert [row["job"] for row in report] == [0, 1, 2, 3]
+    for row, job in zip(report, jobs):
+        assert row["loss"] == json.loads((job / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+    assert [row["overrides"] for row in report] == [  # only what the sweep varies
+        "schedule=linear optimizer.lr=0.0001", "schedule=linear optimizer.lr=0.0003",
+        "schedule=cosine optimizer.lr=0.0001", "schedule=cosine optimizer.lr=0.0003"]
+    assert "| 3 | schedule=cosine optimizer.lr=0.0003 | 4 |" in (jobs[0].parent / "report.md").read_text()
 
 
 def test_in_training_evaluation_logs_metrics_and_keeps_the_best_checkpoint(tmp_path):

@@ -1,0 +1,68 @@
+"""A report at the end of every sweep: one table of what each job measured, beside its overrides."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def job_result(job_dir: Path) -> dict[str, Any] | None:
+    """What one job measured: ``eval.json``'s metrics (and NFE), else the last logged training step."""
+    if (job_dir / "eval.json").is_file():
+        result = json.loads((job_dir / "eval.json").read_text())
+        extra = {key: result["source"][key] for key in ("nfe",) if key in result.get("source", {})}
+        seconds = result.get("seconds", {}).get("images")
+        per_image = {"seconds_per_image": seconds / result["num_images"]} if seconds and result.get("num_images") else {}
+        return {**extra, **result["metrics"], **per_image}
+    if (job_dir / "metrics.jsonl").is_file():
+        lines = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines() if line]
+        training = [line for line in lines if "loss" in line]
+        return training[-1] if training else None
+    return None
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job folder of a sweep: its number, the overrides that vary between jobs, and its result."""
+    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    overrides = {}
+    for job in jobs:
+        path = job / ".hydra" / "overrides.yaml"
+        overrides[job] = (yaml.safe_load(path.read_text()) or []) if path.is_file() else []
+    shared = set.intersection(*(set(o) for o in overrides.values())) if len(jobs) > 1 else set()
+    rows = []
+    for job in jobs:
+        result = job_result(job)
+        if result is not None:
+            varying = " ".join(o for o in overrides[job] if o not in shared)
+            rows.append({"job": int(job.name), "overrides": varying, **result})
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table; numbers to 4 significant digits, missing values blank."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    cell = lambda value: "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(column)) for column in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+class SweepReport(Callback):
+    """Hydra callback: at the end of a multirun, write ``report.md`` and ``report.json`` in the sweep folder."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = collect(sweep_dir)
+        if not rows:
+            return
+        (sweep_dir / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (sweep_dir / "report.md").write_text(markdown_table(rows))
+        log.info("sweep report (%d jobs): %s\n%s", len(rows), sweep_dir / "report.md", markdown_table(rows))
