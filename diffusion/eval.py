@@ -12,7 +12,6 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from diffusion.config import CONFIG_DIR
 from diffusion.evaluation import compute_metrics, dataset_images, reference_statistics, requested_classes
@@ -20,7 +19,7 @@ from diffusion.features import extract, in_batches
 from diffusion.images import save_images
 from diffusion.pretrained import load_trained
 from diffusion.rundir import shown
-from diffusion.sampling import generate
+from diffusion.sampling import generate, sampling_progress
 from diffusion.trainer import resolve_device
 
 log = logging.getLogger(__name__)
@@ -60,12 +59,7 @@ def sample_checkpoint(cfg: DictConfig, device: torch.device, image_size: int, ch
              state.get("step", -1), "EMA" if use_ema else "raw",
              f", class i % {num_classes}, guidance scale {cfg.guidance_scale}" if num_classes else "", device)
     num_batches = -(-cfg.num_images // cfg.batch_size)
-    with tqdm(desc="sample", dynamic_ncols=True, disable=not sys.stderr.isatty()) as bar:
-
-        def progress(info: dict) -> None:
-            bar.total = num_batches * info["num_steps"]
-            bar.update(1)
-
+    with sampling_progress(num_batches) as progress:
         image_shape = (channels, image_size, image_size)
         forward_calls = []
         hook = model.register_forward_hook(lambda *_: forward_calls.append(1))

@@ -91,7 +91,7 @@ class Objective:
         if class_labels is not None:
             class_labels = self.drop_labels(class_labels, model.num_classes, generator)
         alpha, sigma = (v.view(-1, *([1] * (x0.ndim - 1))) for v in schedule.alpha_sigma(t))
-        output = model(alpha * x0 + sigma * noise, t, class_labels=class_labels).float()
+        output = model(schedule.q_sample(x0, t, noise), t, class_labels=class_labels).float()
         target = self.target(x0.float(), noise.float(), alpha, sigma)
         per_image = LOSSES[self.loss_name](output, target, self.huber_delta).flatten(1).mean(dim=1)
         if self.weighting == "min_snr":

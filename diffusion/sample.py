@@ -11,14 +11,13 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from diffusion.config import CONFIG_DIR
 from diffusion.images import save_grid, save_images
 from diffusion.labels import resolve_class_labels
 from diffusion.pretrained import load_trained
 from diffusion.rundir import shown
-from diffusion.sampling import generate
+from diffusion.sampling import generate, sampling_progress
 from diffusion.trainer import resolve_device
 from diffusion.trajectory import TrajectoryRecorder
 
@@ -41,14 +40,7 @@ def sample(cfg: DictConfig) -> Path:
              f", guidance scale {cfg.guidance_scale}" if labels is not None else "")
     num_batches = -(-num_images // cfg.batch_size)
     recorder = TrajectoryRecorder(cfg.gif_every) if cfg.gif else None
-    with tqdm(desc="sample", dynamic_ncols=True, disable=not sys.stderr.isatty()) as bar:
-
-        def progress(info: dict) -> None:
-            bar.total = num_batches * info["num_steps"]
-            bar.update(1)
-            if recorder is not None:
-                recorder(info)
-
+    with sampling_progress(num_batches, then=recorder) as progress:
         images = generate(model, schedule, objective, sampler, seeds, image_shape, labels, cfg.batch_size,
                           callback=progress, guidance_scale=cfg.guidance_scale)
     nrow = cfg.nrow or label_nrow

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from diffusion.objectives import Objective
 from diffusion.samplers import Denoiser, image_generators, randn_per_image
@@ -77,3 +80,17 @@ def generate(
     finally:
         model.train(was_training)
     return torch.cat(images).clamp(-1.0, 1.0)
+
+
+@contextlib.contextmanager
+def sampling_progress(num_batches: int, then: Callable[[dict], None] | None = None) -> Iterator[Callable[[dict], None]]:
+    """A sampler callback driving a tqdm bar over every step of every batch (on a terminal), then calling ``then``."""
+    with tqdm(desc="sample", dynamic_ncols=True, disable=not sys.stderr.isatty()) as bar:
+
+        def progress(info: dict) -> None:
+            bar.total = num_batches * info["num_steps"]
+            bar.update(1)
+            if then is not None:
+                then(info)
+
+        yield progress

@@ -44,8 +44,6 @@ class NoiseSchedule(nn.Module):
             "sqrt_recip_alphas_cumprod": alphas_cumprod.rsqrt(),
             "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
             "posterior_variance": posterior_variance,
-            # beta_tilde_0 is 0; clip the log as Ho et al. and Nichol & Dhariwal do.
-            "posterior_log_variance_clipped": torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
             "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
             "log_snr": torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod),

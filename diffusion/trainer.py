@@ -20,6 +20,7 @@ from diffusion.checkpoint import FORMAT_VERSION, code_version, load_checkpoint, 
 from diffusion.data import build_loader, random_hflip
 from diffusion.ema import EMA
 from diffusion.images import save_grid
+from diffusion.labels import resolve_class_labels
 from diffusion.loggers import JSONLWriter, Logger, NullLogger
 from diffusion.objectives import Objective
 from diffusion.rundir import shown
@@ -307,8 +308,9 @@ class Trainer:
     def sample_grid(self) -> Path:
         """Sample from the EMA weights with fixed seeds, so grids are comparable across steps."""
         num_classes = getattr(self.model, "num_classes", None)
-        per_row = max(1, self.num_samples // num_classes) if num_classes else None
-        labels = [i // per_row for i in range(per_row * num_classes)] if num_classes else None
+        classes = [str(i) for i in range(num_classes)] if num_classes else None  # one row per class
+        labels, per_row = resolve_class_labels("all" if classes else None, self.num_samples, classes,
+                                               per_row=max(1, self.num_samples // (num_classes or 1)))
         seeds = list(range(len(labels) if labels else self.num_samples))
         images = generate(
             self.ema.model, self.schedule, self.objective, self.sampler, seeds,
