@@ -8,6 +8,21 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from diffusion.rundir import run_dir_for
+from diffusion.samplers import steps_for_nfe
+
+
+def register_resolvers() -> None:
+    """Make the configs' resolvers available (once per process).
+
+    ``${diffusion_run_dir:resume,task_dir}``: the run directory, new or the one being resumed.
+    ``${diffusion_steps_for_nfe:nfe,sampler}``: a sampler's steps within a budget of network evaluations.
+    """
+    if not OmegaConf.has_resolver("diffusion_run_dir"):
+        OmegaConf.register_new_resolver("diffusion_run_dir", run_dir_for, use_cache=True)
+    if not OmegaConf.has_resolver("diffusion_steps_for_nfe"):
+        OmegaConf.register_new_resolver("diffusion_steps_for_nfe", steps_for_nfe)
+
 
 def check_targets(node: Any, allowed: tuple[str, ...] = ("diffusion.",), where: str = "config") -> None:
     """Refuse to instantiate a ``_target_`` outside this package (a checkpoint's config must not run other code)."""

@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.config import CONFIG_DIR
+from diffusion.config import CONFIG_DIR, register_resolvers
 from diffusion.evaluation import compute_metrics, dataset_images, reference_statistics, requested_classes
 from diffusion.features import extract, in_batches
 from diffusion.images import save_images
@@ -25,6 +25,7 @@ from diffusion.trainer import resolve_device
 log = logging.getLogger(__name__)
 
 SOURCES = ("checkpoint", "images", "real_split")
+register_resolvers()
 
 
 def dataset_labels(dataset) -> torch.Tensor:

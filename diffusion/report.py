@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,56 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def override_value(row: dict[str, Any], key: str) -> str | None:
+    """The value a job's varied overrides give ``key`` (``sampler=heun nfe=10`` -> ``heun`` for ``sampler``)."""
+    for override in row["overrides"].split():
+        name, _, value = override.lstrip("+~").partition("=")
+        if name == key:
+            return value
+    return None
+
+
+def line_values(rows: list[dict[str, Any]], lines: str) -> list[str]:
+    """The values of the override ``lines`` in the order the sweep first ran them."""
+    return list(dict.fromkeys(v for v in (override_value(row, lines) for row in rows) if v is not None))
+
+
+def pivot_table(rows: list[dict[str, Any]], metric: str, lines: str, columns: str) -> str:
+    """``metric`` as a Markdown table: one row per value of the override ``lines``, one column per ``columns``."""
+    column_values = line_values(rows, columns)
+    cells = {(override_value(row, lines), override_value(row, columns)): row.get(metric) for row in rows}
+    cell = lambda value: "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+    out = [f"| {metric} | " + " | ".join(f"{columns}={value}" for value in column_values) + " |",
+           "|" + " --- |" * (len(column_values) + 1)]
+    for line in line_values(rows, lines):
+        out.append(f"| {line} | " + " | ".join(cell(cells.get((line, value))) for value in column_values) + " |")
+    return "\n".join(out) + "\n"
+
+
 class SweepReport(Callback):
-    """Hydra callback: at the end of a multirun, write ``report.md`` and ``report.json`` in the sweep folder."""
+    """Hydra callback: at the end of a multirun, write ``report.md`` and ``report.json`` in the sweep folder.
+
+    With ``plot`` (keys ``x``: a measured column, ``y``: the metrics, ``lines``: an override, one line per value,
+    optionally ``columns``: an override for the per-metric tables and ``log_x``) it also draws ``report.png``,
+    one panel per metric, and adds one table per metric to ``report.md``.
+    """
+
+    def __init__(self, plot: dict[str, Any] | None = None) -> None:
+        self.plot = None if plot is None else OmegaConf.to_container(plot) if isinstance(plot, DictConfig) else plot
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = collect(sweep_dir)
         if not rows:
             return
+        report = markdown_table(rows)
+        if self.plot:
+            from diffusion.report_plot import plot_metrics
+
+            plot_metrics(rows, sweep_dir / "report.png", **{k: v for k, v in self.plot.items() if k != "columns"})
+            if self.plot.get("columns"):
+                report = "".join(pivot_table(rows, metric, self.plot["lines"], self.plot["columns"]) + "\n"
+                                 for metric in self.plot["y"]) + report
         (sweep_dir / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
-        (sweep_dir / "report.md").write_text(markdown_table(rows))
-        log.info("sweep report (%d jobs): %s\n%s", len(rows), sweep_dir / "report.md", markdown_table(rows))
+        (sweep_dir / "report.md").write_text(report)
+        log.info("sweep report (%d jobs): %s\n%s", len(rows), sweep_dir / "report.md", report)

@@ -6,8 +6,6 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 log = logging.getLogger(__name__)
 
 LAST = Path("checkpoints") / "last.pt"
@@ -56,9 +54,3 @@ def shown(path: str | Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
-
-def register_resolvers() -> None:
-    """Make ``${diffusion_run_dir:resume,task_dir}`` available to the configs (once per process)."""
-    if not OmegaConf.has_resolver("diffusion_run_dir"):
-        OmegaConf.register_new_resolver("diffusion_run_dir", run_dir_for, use_cache=True)

@@ -10,8 +10,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.config import CONFIG_DIR, resolve_num_classes
-from diffusion.rundir import checkpoint_to_resume, register_resolvers, shown
+from diffusion.config import CONFIG_DIR, register_resolvers, resolve_num_classes
+from diffusion.rundir import checkpoint_to_resume, shown
 
 log = logging.getLogger(__name__)
 register_resolvers()

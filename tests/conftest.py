@@ -11,8 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from diffusion.config import CONFIG_DIR
-from diffusion.rundir import register_resolvers
+from diffusion.config import CONFIG_DIR, register_resolvers
 
 register_resolvers()
 REPO = Path(__file__).resolve().parent.parent

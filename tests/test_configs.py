@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
@@ -11,7 +12,9 @@ from diffusion.config import CONFIG_DIR, resolve_num_classes
 from diffusion.loggers import Logger
 from tests.conftest import compose_config, smoke_overrides
 
-GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name not in ("hydra", "paths"))
+# the groups of conf/train.yaml (``study`` belongs to conf/eval.yaml)
+GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir()
+                if p.is_dir() and p.name not in ("hydra", "paths", "study"))
 
 
 def options(group: str) -> list[str]:
@@ -60,6 +63,17 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     elif group == "features":
         extractor = instantiate(cfg.features, cache_dir=tmp_path / "cache")
         assert extractor.features(torch.zeros(2, 1, 16, 16)).shape == (2, extractor.feature_dim)
+
+
+@pytest.mark.parametrize("sampler, nfe, steps", [("heun", 10, 5), ("ddpm", 10, 10), ("dpmpp_2m", 1000, 1000),
+                                                  ("heun", 1000, 500)])
+def test_the_sampler_study_gives_each_sampler_the_steps_of_its_budget(sampler, nfe, steps):
+    cfg = compose_config("eval", ["study=samplers", f"sampler={sampler}", f"nfe={nfe}"])
+    assert cfg.sampler.steps == steps and cfg.task_name == "sampler_study"
+    assert instantiate(cfg.sampler).keywords["steps"] == steps
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        sweep = compose(config_name="eval", overrides=["study=samplers"], return_hydra_config=True).hydra.sweeper.params
+    assert (sweep.sampler, sweep.nfe) == ("ddpm,ddim,euler,euler_ancestral,heun,dpmpp_2m", "10,20,50,100,250,1000")
 
 
 def test_a_typo_in_an_override_is_an_error():

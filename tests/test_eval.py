@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 from hydra.errors import InstantiationException
 
 from diffusion.data import DigitsDataset
@@ -12,6 +13,7 @@ from diffusion.eval import evaluate
 from diffusion.evaluation import METRIC_KEYS
 from diffusion.features import DigitsClassifier, InceptionV3, extract, in_batches
 from diffusion.images import save_images
+from diffusion.samplers import steps_for_nfe
 from diffusion.train import train
 from tests.conftest import cli, compose_config, smoke_overrides
 
@@ -123,6 +125,32 @@ def test_a_sampler_sweep_ends_with_a_report_of_every_job(conditional_checkpoint,
         assert row["fd"] == job["metrics"]["fd"] and row["seconds_per_image"] > 0
     table = (sweep / "report.md").read_text().splitlines()
     assert len(table) == 2 + 4 and "| job | overrides | nfe | fd |" in table[0]
+
+
+def test_the_sampler_study_runs_every_sampler_on_a_budget_of_network_evaluations(
+        conditional_checkpoint, cache_dir, tmp_path):
+    # the study's own grid, narrowed on the command line (command-line sweeps win over hydra.sweeper.params)
+    cli("eval", "-m", "study=samplers", "sampler=ddpm,heun", "nfe=3,6", f"checkpoint={conditional_checkpoint}",
+        "num_images=10", "batch_size=10", "device=cpu", f"paths.runs_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+        cwd=tmp_path)
+    sweep = next((tmp_path / "sampler_study" / "multirun").iterdir())
+    report = json.loads((sweep / "report.json").read_text())
+    assert [row["overrides"] for row in report] == ["sampler=ddpm nfe=3", "sampler=ddpm nfe=6",
+                                                    "sampler=heun nfe=3", "sampler=heun nfe=6"]
+    assert [row["nfe"] for row in report] == [3, 6, 3, 5]  # Heun: the most steps with 2 steps - 1 <= nfe
+    text = (sweep / "report.md").read_text()
+    fd = {(row["overrides"]): row["fd"] for row in report}
+    assert f"| ddpm | {fd['sampler=ddpm nfe=3']:.4g} | {fd['sampler=ddpm nfe=6']:.4g} |" in text
+    assert "| conditional_accuracy | nfe=3 | nfe=6 |" in text
+    with Image.open(sweep / "report.png") as figure:  # four panels: FD, precision, recall, conditional accuracy
+        assert figure.size == (int(4 * 4.2 * 110), int(3.6 * 110))
+
+
+def test_a_budget_of_network_evaluations_gives_each_sampler_its_steps():
+    assert [steps_for_nfe(n, "diffusion.samplers.sample_heun") for n in (1, 2, 3, 10, 1000)] == [1, 1, 2, 5, 500]
+    assert [steps_for_nfe(n, "dpmpp_2m") for n in (1, 10, 1000)] == [1, 10, 1000]
+    with pytest.raises(ValueError, match="nfe must be a positive number of network evaluations per image, got 0"):
+        steps_for_nfe(0, "ddim")
 
 
 def test_a_checkpoint_of_another_size_than_the_reference_names_the_fix(conditional_checkpoint, cache_dir, tmp_path):

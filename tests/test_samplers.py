@@ -178,8 +178,62 @@ def test_ddim_with_eta_one_on_the_full_grid_is_the_ancestral_sampler():
     torch.testing.assert_close(ddim, ddpm, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("steps, spacing", [(10, "trailing"), (50, "leading"), (37, "linspace")])
+def test_strided_ddpm_is_ddim_with_eta_one_on_the_same_timesteps(steps, spacing):
+    """The strided chain's posterior (beta = 1 - abar_t / abar_prev) is DDIM's eta=1 step (Song et al. 2021, Eq. 16)."""
+    schedule = CosineSchedule(1000)
+    mu, std = gaussian_data(8)
+    x = torch.randn(4, *mu.shape, generator=torch.Generator().manual_seed(1))
+    denoiser = gaussian_denoiser(mu, std, schedule)
+    ddpm = sample_ddpm(denoiser, x, schedule, image_generators(range(4)), steps=steps, spacing=spacing,
+                       clip_denoised=False)
+    ddim = sample_ddim(denoiser, x, schedule, image_generators(range(4)), steps=steps, eta=1.0, spacing=spacing,
+                       clip_denoised=False)
+    torch.testing.assert_close(ddpm, ddim, atol=1e-4, rtol=1e-4)
+    full = sample_ddpm(denoiser, x, schedule, image_generators(range(4)), clip_denoised=False)
+    assert (full - ddpm).abs().max().item() > 0.1
+
+
+def strided_chain_moments(mu, std, schedule, timesteps, variance):
+    """Exact output moments of ancestral sampling on ``timesteps`` for Gaussian data, the mean written in DDIM's
+    form (Song et al. 2021, Eq. 12 with sigma^2 = beta_tilde): sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps."""
+    abar = schedule.alphas_cumprod.double()
+    mu, var_data = mu.double(), std.double() ** 2
+    mean, var = torch.zeros_like(mu), torch.ones_like(mu)
+    for i, t in enumerate(timesteps):
+        prev = abar[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0, dtype=torch.float64)
+        beta = 1 - abar[t] / prev
+        tilde = beta * (1 - prev) / (1 - abar[t])
+        gain = abar[t].sqrt() * var_data / (abar[t] * var_data + 1 - abar[t])  # x0_hat = mu + gain (x_t - a mu)
+        on_eps = (1 - prev - tilde).sqrt() / (1 - abar[t]).sqrt()
+        on_x0 = prev.sqrt() - on_eps * abar[t].sqrt()
+        slope = on_x0 * gain + on_eps
+        mean = slope * mean + on_x0 * (mu - gain * abar[t].sqrt() * mu)
+        noise = {"beta_tilde": tilde, "beta": beta}[variance] if i + 1 < len(timesteps) else 0.0
+        var = slope**2 * var + noise
+    return mean.float(), var.sqrt().float()
+
+
+@pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
+def test_strided_ddpm_with_the_exact_denoiser_matches_the_strided_chains_exact_moments(variance):
+    schedule = LinearSchedule(1000)
+    mu, std = gaussian_data()
+    generators = image_generators(range(64))
+    x = randn_per_image(torch.empty(64, *mu.shape), generators)
+    out = sample_ddpm(gaussian_denoiser(mu, std, schedule), x, schedule, generators, steps=20, variance=variance,
+                      clip_denoised=False)
+    chain_mean, chain_std = strided_chain_moments(mu, std, schedule, sampling_timesteps(1000, 20).tolist(), variance)
+    z = (out - chain_mean) / chain_std
+    assert z.mean().item() == pytest.approx(0.0, abs=0.01)
+    assert z.var().item() == pytest.approx(1.0, abs=0.012)
+    # on 20 steps the two variances bracket the data's: beta_tilde under-disperses far more than on 1000 steps
+    ratio = (chain_std / std).square().mean().item()
+    assert 1.0 < ratio < 1.1 if variance == "beta" else 0.5 < ratio < 0.65
+
+
 @pytest.mark.parametrize("sampler, steps, nfe", [(sample_euler, 10, 10), (sample_heun, 10, 19), (sample_dpmpp_2m, 10, 10),
-                                                 (sample_ddim, 10, 10), (sample_euler_ancestral, 10, 10)])
+                                                 (sample_ddim, 10, 10), (sample_euler_ancestral, 10, 10),
+                                                 (sample_ddpm, 10, 10)])
 def test_network_evaluations_per_sampler(sampler, steps, nfe):
     schedule = LinearSchedule(100)
     calls = []

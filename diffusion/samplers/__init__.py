@@ -6,6 +6,7 @@ Every sampler has the signature ``sample(denoiser, x, schedule, generators, call
 ``callback`` sees every step as a dict with ``i``, ``x`` (the current noisy image) and ``x0``.
 """
 
+from diffusion.samplers.budget import steps_for_nfe
 from diffusion.samplers.ddim import sample_ddim
 from diffusion.samplers.ddpm import sample_ddpm
 from diffusion.samplers.grids import karras_sigmas, sampling_sigmas, sampling_timesteps
@@ -15,4 +16,5 @@ from diffusion.samplers.sigma_space import sample_dpmpp_2m, sample_euler, sample
 __all__ = [
     "Denoiser", "image_generators", "randn_per_image", "karras_sigmas", "sampling_sigmas", "sampling_timesteps",
     "sample_ddpm", "sample_ddim", "sample_euler", "sample_heun", "sample_euler_ancestral", "sample_dpmpp_2m",
+    "steps_for_nfe",
 ]

@@ -1,4 +1,4 @@
-"""Ancestral sampling over every timestep (Ho et al. 2020, Algorithm 2)."""
+"""Ancestral sampling (Ho et al. 2020, Algorithm 2), on every timestep or on a strided subset of them."""
 
 from __future__ import annotations
 
@@ -6,8 +6,26 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from diffusion.samplers.grids import sampling_timesteps
 from diffusion.samplers.noise import Denoiser, randn_per_image
 from diffusion.schedules import NoiseSchedule
+
+VARIANCES = ("beta_tilde", "beta")
+
+
+def strided_posterior(
+    abar_t: torch.Tensor, abar_prev: torch.Tensor, variance: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q(x_prev | x_t, x_0) of the chain that jumps from t to prev (DDPM Eq. 6-7 with beta = 1 - abar_t / abar_prev).
+
+    Returns the coefficients of x_0 and x_t in the posterior mean, and the step's variance: the posterior's
+    (``beta_tilde``) or the forward step's (``beta``). On the full grid these are the schedule's own.
+    """
+    beta = 1.0 - abar_t / abar_prev
+    coef_x0 = abar_prev.sqrt() * beta / (1.0 - abar_t)
+    coef_xt = (1.0 - abar_prev) * (1.0 - beta).sqrt() / (1.0 - abar_t)
+    var = beta * (1.0 - abar_prev) / (1.0 - abar_t) if variance == "beta_tilde" else beta
+    return coef_x0, coef_xt, var
 
 
 @torch.no_grad()
@@ -17,28 +35,36 @@ def sample_ddpm(
     schedule: NoiseSchedule,
     generators: Sequence[torch.Generator],
     callback: Callable[[dict], None] | None = None,
+    steps: int | None = None,
+    spacing: str = "trailing",
     variance: str = "beta_tilde",
     clip_denoised: bool = True,
 ) -> torch.Tensor:
-    """Ancestral sampling over every timestep T-1..0 (DDPM Algorithm 2).
+    """Ancestral sampling from T-1 down to 0 (DDPM Algorithm 2), drawing x_prev from the posterior of Eq. 7.
 
     Args:
+        steps: network evaluations; ``None`` visits every training timestep (the sampler of the paper), fewer
+            jump between the timesteps chosen by ``spacing`` (leading | trailing | linspace) using the posterior
+            of the strided chain, as diffusers' DDPMScheduler does (the same chain as DDIM with eta=1).
         variance: ``beta_tilde`` (the posterior variance, Eq. 7) or ``beta`` (sigma_t^2 = beta_t);
             Ho et al. report both give similar results.
         clip_denoised: clamp the predicted x_0 to [-1, 1] before forming the posterior mean.
     """
-    variances = {"beta_tilde": schedule.posterior_variance, "beta": schedule.betas}
-    if variance not in variances:
-        raise ValueError(f"sampler.variance={variance!r} is not known; choose one of {sorted(variances)}")
-    sigmas = variances[variance].sqrt()
-    num_steps = schedule.num_timesteps
-    for i, step in enumerate(range(num_steps - 1, -1, -1)):
+    if variance not in VARIANCES:
+        raise ValueError(f"sampler.variance={variance!r} is not known; choose one of {sorted(VARIANCES)}")
+    timesteps = sampling_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps, spacing).tolist()
+    abar = schedule.alphas_cumprod
+    for i, step in enumerate(timesteps):
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
         x0, _ = denoiser(x, t)
         if clip_denoised:
             x0 = x0.clamp(-1.0, 1.0)
-        mean = schedule.posterior_mean(x0, x, t)
-        x = mean + sigmas[step] * randn_per_image(x, generators) if step > 0 else mean
+        last = i + 1 == len(timesteps)
+        abar_prev = abar.new_ones(()) if last else abar[timesteps[i + 1]]
+        coef_x0, coef_xt, var = strided_posterior(abar[step], abar_prev, variance)
+        x = coef_x0 * x0 + coef_xt * x
+        if not last:
+            x = x + var.sqrt() * randn_per_image(x, generators)
         if callback is not None:
-            callback({"i": i, "t": step, "num_steps": num_steps, "x": x, "x0": x0})
+            callback({"i": i, "t": step, "num_steps": len(timesteps), "x": x, "x0": x0})
     return x

@@ -1,0 +1,52 @@
+"""The figure of a sweep report: each metric against a measured quantity, one line per value of an override."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from diffusion.report import line_values, override_value
+
+# how a panel names a metric of eval.json, and which way is better
+METRIC_TITLES = {
+    "fd": "FD (lower is better)",
+    "kid": "KID x 1e3 (lower is better)",
+    "precision": "precision (higher is better)",
+    "recall": "recall (higher is better)",
+    "inception_score": "Inception Score (higher is better)",
+    "conditional_accuracy": "conditional accuracy (higher is better)",
+    "seconds_per_image": "seconds per image",
+    "loss": "loss",
+}
+
+
+def plot_metrics(rows: list[dict[str, Any]], path: Path, x: str, y: list[str], lines: str, log_x: bool = False,
+                 log_y: list[str] | tuple[str, ...] = ()) -> Path:
+    """Draw one panel per metric in ``y`` against the column ``x``, a line per value of the override ``lines``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(y), figsize=(4.2 * len(y), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], y):
+        for line in line_values(rows, lines):
+            points = sorted((row[x], row[metric]) for row in rows
+                            if override_value(row, lines) == line and row.get(x) is not None
+                            and row.get(metric) is not None)
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", markersize=4, label=line)
+        ax.set_title(METRIC_TITLES.get(metric, metric), fontsize=10)
+        ax.set_xlabel(x)
+        if log_x:
+            ax.set_xscale("log")
+        if metric in log_y:
+            ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, title=lines)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
