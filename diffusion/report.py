@@ -46,12 +46,16 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def format_cell(value: Any) -> str:
+    """A table cell: numbers to 4 significant digits, a missing value blank."""
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table; numbers to 4 significant digits, missing values blank."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    cell = lambda value: "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(column)) for column in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_cell(row.get(column)) for column in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -64,20 +68,20 @@ def override_value(row: dict[str, Any], key: str) -> str | None:
     return None
 
 
-def line_values(rows: list[dict[str, Any]], lines: str) -> list[str]:
-    """The values of the override ``lines`` in the order the sweep first ran them."""
-    return list(dict.fromkeys(v for v in (override_value(row, lines) for row in rows) if v is not None))
+def line_values(rows: list[dict[str, Any]], lines: str) -> list[str | None]:
+    """The values of the override ``lines`` in the order the sweep first ran them (``[None]`` if it never varied)."""
+    return list(dict.fromkeys(v for v in (override_value(row, lines) for row in rows) if v is not None)) or [None]
 
 
 def pivot_table(rows: list[dict[str, Any]], metric: str, lines: str, columns: str) -> str:
     """``metric`` as a Markdown table: one row per value of the override ``lines``, one column per ``columns``."""
     column_values = line_values(rows, columns)
     cells = {(override_value(row, lines), override_value(row, columns)): row.get(metric) for row in rows}
-    cell = lambda value: "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-    out = [f"| {metric} | " + " | ".join(f"{columns}={value}" for value in column_values) + " |",
+    out = [f"| {metric} | " + " | ".join(f"{columns}={value or 'all'}" for value in column_values) + " |",
            "|" + " --- |" * (len(column_values) + 1)]
     for line in line_values(rows, lines):
-        out.append(f"| {line} | " + " | ".join(cell(cells.get((line, value))) for value in column_values) + " |")
+        values = (format_cell(cells.get((line, value))) for value in column_values)
+        out.append(f"| {line or 'all'} | " + " | ".join(values) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -85,8 +89,9 @@ class SweepReport(Callback):
     """Hydra callback: at the end of a multirun, write ``report.md`` and ``report.json`` in the sweep folder.
 
     With ``plot`` (keys ``x``: a measured column, ``y``: the metrics, ``lines``: an override, one line per value,
-    optionally ``columns``: an override for the per-metric tables and ``log_x``) it also draws ``report.png``,
-    one panel per metric, and adds one table per metric to ``report.md``.
+    optionally ``columns``: an override for per-metric tables, ``log_x`` and ``log_y``) it also draws
+    ``report.png``, one panel per metric, and puts a table per metric (and of the seconds per image) atop
+    ``report.md``.
     """
 
     def __init__(self, plot: dict[str, Any] | None = None) -> None:
@@ -103,8 +108,9 @@ class SweepReport(Callback):
 
             plot_metrics(rows, sweep_dir / "report.png", **{k: v for k, v in self.plot.items() if k != "columns"})
             if self.plot.get("columns"):
+                metrics = [*self.plot["y"], *(["seconds_per_image"] if "seconds_per_image" in rows[0] else [])]
                 report = "".join(pivot_table(rows, metric, self.plot["lines"], self.plot["columns"]) + "\n"
-                                 for metric in self.plot["y"]) + report
+                                 for metric in dict.fromkeys(metrics)) + report
         (sweep_dir / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
         (sweep_dir / "report.md").write_text(report)
         log.info("sweep report (%d jobs): %s\n%s", len(rows), sweep_dir / "report.md", report)

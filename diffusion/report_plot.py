@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,21 @@ METRIC_TITLES = {
 }
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def plain_log_ticks(axis) -> None:
+    """Label a log axis 1, 2, 5, 10, 20, 50, ... rather than in powers of ten."""
+    from matplotlib.ticker import FuncFormatter
+
+    def label(value: float, _position: int) -> str:
+        mantissa = round(value / 10 ** math.floor(math.log10(value)), 6) if value > 0 else 0
+        return f"{value:g}" if mantissa in (1, 2, 5) else ""
+
+    axis.set_major_formatter(FuncFormatter(label))
+    axis.set_minor_formatter(FuncFormatter(label))
+
+
 def plot_metrics(rows: list[dict[str, Any]], path: Path, x: str, y: list[str], lines: str, log_x: bool = False,
                  log_y: list[str] | tuple[str, ...] = ()) -> Path:
     """Draw one panel per metric in ``y`` against the column ``x``, a line per value of the override ``lines``."""
@@ -30,19 +46,23 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path, x: str, y: list[str], l
 
     fig, axes = plt.subplots(1, len(y), figsize=(4.2 * len(y), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], y):
-        for line in line_values(rows, lines):
+        for index, line in enumerate(line_values(rows, lines)):
             points = sorted((row[x], row[metric]) for row in rows
                             if override_value(row, lines) == line and row.get(x) is not None
                             and row.get(metric) is not None)
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", markersize=4, label=line)
+                # markers and dashes differ too, so that lines lying on each other stay visible
+                ax.plot(xs, ys, marker=MARKERS[index % len(MARKERS)], markersize=5 - index % 2,
+                        linestyle="-" if index % 2 == 0 else "--", zorder=2 + index % 2, label=line or "all jobs")
         ax.set_title(METRIC_TITLES.get(metric, metric), fontsize=10)
         ax.set_xlabel(x)
         if log_x:
             ax.set_xscale("log")
+            plain_log_ticks(ax.xaxis)
         if metric in log_y:
             ax.set_yscale("log")
+            plain_log_ticks(ax.yaxis)
         ax.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, title=lines)
