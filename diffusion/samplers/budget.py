@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-# network evaluations per step beyond the first: Heun evaluates twice per step but once on its last (to sigma=0)
-SECOND_ORDER_STEPPERS = ("sample_heun",)
+# samplers that evaluate the network twice per step, except on their last step (to sigma = 0)
+TWO_EVALUATIONS_PER_STEP = ("heun",)
 
 
 def steps_for_nfe(nfe: int, sampler: str) -> int:
@@ -11,6 +11,6 @@ def steps_for_nfe(nfe: int, sampler: str) -> int:
     nfe = int(nfe)
     if nfe < 1:
         raise ValueError(f"nfe must be a positive number of network evaluations per image, got {nfe}")
-    if sampler.rsplit(".", 1)[-1] in SECOND_ORDER_STEPPERS or sampler == "heun":
+    if sampler.rsplit(".", 1)[-1].removeprefix("sample_") in TWO_EVALUATIONS_PER_STEP:
         return max(1, (nfe + 1) // 2)
     return nfe
