@@ -20,7 +20,7 @@ from tests.conftest import cli, compose_config
 TINY = [
     "models=[unet_tiny]", "per_model.unet_tiny.image_size=8", "per_model.unet_tiny.batch_size=4",
     "per_model.unet_tiny.sample_batch_size=3", "device=cpu", "warmup=0", "repeats=2", "min_repeat_seconds=0",
-    "peak.sizes=[256]", "peak.repeats=2",
+    "peak.sizes=[512]", "peak.repeats=3",
 ]
 
 
@@ -45,7 +45,9 @@ def test_the_report_holds_every_figure_with_sane_values(report):
     peak = result["peak_matmul_flops_per_sec"]["fp32"]
     assert peak > 1e8
     for part in (train, sample):
-        assert 0 < part["utilisation"] < 1.5
+        # a sanity range, not an efficiency claim: CPU convolutions can beat torch.mm and a tiny workload times
+        # noisily (1.6 has been seen), while a unit error (a factor of 1e3) lands far outside
+        assert 0 < part["utilisation"] < 4
         assert part["utilisation"] == pytest.approx(part["achieved_flops_per_sec"] / peak)
         assert part["peak_memory_mb"] >= 0 and part["memory_measure"].startswith("cpu")
     assert train["peak_memory_mb"] > 0
