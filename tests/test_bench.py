@@ -17,10 +17,12 @@ from diffusion.objectives import EpsilonObjective
 from diffusion.schedules import LinearSchedule
 from tests.conftest import cli, compose_config
 
+# the matmul peak is the best of 10 repeats: 2 short ones fit inside one pause of the process, and a run once saw
+# utilisation 1.6 where about 0.07 is usual, most likely from a peak measured during such a pause
 TINY = [
     "models=[unet_tiny]", "per_model.unet_tiny.image_size=8", "per_model.unet_tiny.batch_size=4",
     "per_model.unet_tiny.sample_batch_size=3", "device=cpu", "warmup=0", "repeats=2", "min_repeat_seconds=0",
-    "peak.sizes=[512]", "peak.repeats=3",
+    "peak.sizes=[512]", "peak.repeats=10",
 ]
 
 
@@ -45,9 +47,7 @@ def test_the_report_holds_every_figure_with_sane_values(report):
     peak = result["peak_matmul_flops_per_sec"]["fp32"]
     assert peak > 1e8
     for part in (train, sample):
-        # a sanity range, not an efficiency claim: CPU convolutions can beat torch.mm and a tiny workload times
-        # noisily (1.6 has been seen), while a unit error (a factor of 1e3) lands far outside
-        assert 0 < part["utilisation"] < 4
+        assert 0 < part["utilisation"] < 1.5
         assert part["utilisation"] == pytest.approx(part["achieved_flops_per_sec"] / peak)
         assert part["peak_memory_mb"] >= 0 and part["memory_measure"].startswith("cpu")
     assert train["peak_memory_mb"] > 0
