@@ -12,7 +12,8 @@ from torch import nn
 
 import diffusion
 
-FORMAT_VERSION = 1
+# 2: callback state under "callbacks" (format 1 kept the loss window and the best evaluation at the top level)
+FORMAT_VERSION = 2
 
 
 def code_version() -> str:
@@ -57,6 +58,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{str(path)!r} has format version {state['format_version']}, newer than this code's "
             f"{FORMAT_VERSION}: upgrade the package to read it"
         )
+    return upgrade(state)
+
+
+def upgrade(state: dict) -> dict:
+    """A checkpoint of an older format in today's layout."""
+    if state.get("format_version", 0) < 2 and "callbacks" not in state:
+        state["callbacks"] = {"evaluation": {"best": state.pop("best", None)}}
+        if "log_window" in state:
+            state["callbacks"]["metrics"] = state.pop("log_window")
     return state
 
 

@@ -2,26 +2,40 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from diffusion.distributed import computed_by_rank_zero
 from diffusion.rundir import run_dir_for
 from diffusion.samplers import steps_for_nfe
+from diffusion.sweeps import register_sweep_resolvers
+
+
+def now(format: str) -> str:
+    """The current local time as ``format`` (``strftime``)."""
+    return datetime.now().strftime(format)
 
 
 def register_resolvers() -> None:
     """Make the configs' resolvers available (once per process).
 
-    ``${diffusion_run_dir:resume,task_dir}``: the run directory, new or the one being resumed.
+    ``${diffusion_run_dir:resume,task_dir}``: the run directory, new or the one being resumed; under torchrun
+    rank 0 chooses it and every process uses the same.
+    ``${diffusion_now:format}``: the time the run started, as ``${now:format}``, but the same in every process.
     ``${diffusion_steps_for_nfe:nfe,sampler}``: a sampler's steps within a budget of network evaluations.
+    ``${diffusion_sweep_group:task}``, ``${diffusion_sweep_run_name:}``: a multirun job's W&B group and name.
     """
     if not OmegaConf.has_resolver("diffusion_run_dir"):
-        OmegaConf.register_new_resolver("diffusion_run_dir", run_dir_for, use_cache=True)
+        OmegaConf.register_new_resolver("diffusion_run_dir", computed_by_rank_zero(run_dir_for), use_cache=True)
+    if not OmegaConf.has_resolver("diffusion_now"):
+        OmegaConf.register_new_resolver("diffusion_now", computed_by_rank_zero(now), use_cache=True)
     if not OmegaConf.has_resolver("diffusion_steps_for_nfe"):
         OmegaConf.register_new_resolver("diffusion_steps_for_nfe", steps_for_nfe)
+    register_sweep_resolvers()
 
 
 def check_targets(node: Any, allowed: tuple[str, ...] = ("diffusion.",), where: str = "config") -> None:

@@ -17,6 +17,7 @@ from diffusion.config import CONFIG_DIR, register_resolvers
 from diffusion.evaluation import compute_metrics, dataset_images, reference_statistics, requested_classes
 from diffusion.features import extract, in_batches
 from diffusion.images import save_images
+from diffusion.labels import cycled_labels
 from diffusion.pretrained import load_trained
 from diffusion.rundir import shown
 from diffusion.sampling import generate, sampling_progress
@@ -53,8 +54,8 @@ def sample_checkpoint(cfg: DictConfig, device: torch.device, image_size: int, ch
             f"reference data set has {channels}-channel {image_size}x{image_size} ones: run with "
             f"dataset.image_size={model.image_size} dataset.channels={model.in_channels}"
         )
-    num_classes, class_names = getattr(model, "num_classes", None), trained.class_names
-    labels = [i % num_classes for i in range(cfg.num_images)] if num_classes else None
+    num_classes, class_names = model.num_classes, trained.class_names
+    labels = cycled_labels(cfg.num_images, num_classes)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
     log.info("sampling %d images from %s (step %d, %s weights%s) on %s", cfg.num_images, shown(cfg.checkpoint),
              state.get("step", -1), "EMA" if use_ema else "raw",
@@ -172,4 +173,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    from diffusion.eval import main as main_by_reference  # launchers pickle the task by reference, not by value
+
+    main_by_reference()

@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from diffusion.metrics import (
     kernel_inception_distance,
     precision_recall,
 )
+from diffusion.labels import cycled_labels
 from diffusion.objectives import Objective
 from diffusion.sampling import generate
 from diffusion.schedules import NoiseSchedule
@@ -35,14 +37,32 @@ def dataset_images(dataset, batch_size: int = 500):
         yield torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
 
 
-def reference_statistics(extractor: FeatureExtractor, dataset, dataset_config: dict, cache_dir: str | Path,
-                         device: torch.device, batch_size: int = 500) -> dict:
-    """Features, probabilities and the Gaussian fit of the reference, computed once and cached under ``cache_dir``."""
+class ReferenceDataset(Protocol):
+    """What the reference statistics need of a data set: its images, their size, and what they are."""
+
+    image_size: int
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
+
+    def fingerprint(self) -> str:
+        """A short hex digest describing exactly which images the data set serves."""
+        ...
+
+
+def reference_statistics(extractor: FeatureExtractor, dataset: ReferenceDataset, dataset_config: dict,
+                         cache_dir: str | Path, device: torch.device, batch_size: int = 500) -> dict:
+    """Features, probabilities and the Gaussian fit of the reference, computed once and cached under ``cache_dir``.
+
+    The cache is keyed by the extractor, the data set's config and its ``fingerprint()``, so a data set whose
+    images changed (an image folder with a file replaced) is measured again.
+    """
     dataset_cfg = {key: value for key, value in dataset_config.items() if key != "random_flip"}
-    dataset_cfg.update(split=getattr(dataset, "split", None), num_images=len(dataset))
-    key = json.dumps({"extractor": extractor.name, "dataset": dataset_cfg}, sort_keys=True)
+    key = json.dumps({"extractor": extractor.name, "dataset": dataset_cfg, "fingerprint": dataset.fingerprint()},
+                     sort_keys=True)
     name = "-".join(str(part) for part in (
-        dataset_cfg["_target_"].rsplit(".", 1)[-1].lower(), dataset_cfg["split"] or "all",
+        dataset_cfg["_target_"].rsplit(".", 1)[-1].lower(), getattr(dataset, "split", "all"),  # the split: for people
         f"{dataset.image_size}px", hashlib.sha256(key.encode()).hexdigest()[:10],
     ))
     path = Path(cache_dir) / "reference" / extractor.name / f"{name}.pt"
@@ -84,6 +104,18 @@ def compute_metrics(reference: dict, features: torch.Tensor, probabilities, labe
     return metrics
 
 
+def available_metrics(extractor: FeatureExtractor, num_classes: int | None, class_names: list[str] | None) -> list[str]:
+    """The metrics ``compute_metrics`` gives for a model with ``num_classes`` (None: unconditional) measured by
+    ``extractor``: the Inception Score needs a classifier, conditional accuracy a conditional model and an
+    extractor that classifies the data set's classes."""
+    available = ["fd", "kid", "kid_std", "precision", "recall"]
+    if extractor.num_classes is not None:
+        available += ["inception_score", "inception_score_std"]
+        if num_classes and class_names and extractor.classes and set(class_names) <= set(extractor.classes):
+            available.append("conditional_accuracy")
+    return available
+
+
 class Evaluator:
     """In-training evaluation: sample a fixed set from the model with a fast sampler and measure it.
 
@@ -119,12 +151,11 @@ class Evaluator:
         if self.reference is None:
             self.reference = reference_statistics(self.extractor, self.dataset, self.dataset_config, self.cache_dir,
                                                   device)
-        num_classes = getattr(model, "num_classes", None)
-        labels = [i % num_classes for i in range(self.num_images)] if num_classes else None
+        labels = cycled_labels(self.num_images, model.num_classes)
         shape = (self.dataset.channels, self.dataset.image_size, self.dataset.image_size)
         images = generate(model, schedule, objective, self.sampler, list(range(self.num_images)), shape, labels,
                           self.batch_size, guidance_scale=self.guidance_scale)
         features, probabilities = extract(self.extractor, in_batches(images, self.batch_size), device)
-        requested = requested_classes(torch.tensor(labels) if labels else None, getattr(self.dataset, "classes", None),
+        requested = requested_classes(torch.tensor(labels) if labels else None, self.dataset.classes,
                                       self.extractor)
         return compute_metrics(self.reference, features, probabilities, requested)

@@ -17,6 +17,11 @@ def class_index(label: int | str, class_names: Sequence[str]) -> int:
                      f"(give a name or an index from 0 to {len(class_names) - 1})")
 
 
+def cycled_labels(num_images: int, num_classes: int | None) -> list[int] | None:
+    """Image i asks for class ``i % num_classes`` (``None`` for an unconditional model)."""
+    return [i % num_classes for i in range(num_images)] if num_classes else None
+
+
 def resolve_class_labels(
     class_label: int | str | Sequence | None, num_images: int, class_names: Sequence[str] | None, per_row: int = 8
 ) -> tuple[list[int] | None, int | None]:
@@ -30,7 +35,7 @@ def resolve_class_labels(
             raise ValueError("this model is unconditional (trained without classes): remove class_label")
         return None, None
     if class_label is None:
-        return [i % len(class_names) for i in range(num_images)], None
+        return cycled_labels(num_images, len(class_names)), None
     if class_label == "all":
         return [c for c in range(len(class_names)) for _ in range(per_row)], per_row
     if isinstance(class_label, Sequence) and not isinstance(class_label, str):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,18 @@ LOSSES = {
 
 
 WEIGHTINGS = ("uniform", "min_snr")
+
+
+class TrainingNoise(NamedTuple):
+    """What a training step draws at random for a batch: timesteps, noise, and which labels are dropped."""
+
+    t: torch.Tensor
+    noise: torch.Tensor
+    drop_label: torch.Tensor | None
+
+    def rows(self, rows: slice) -> TrainingNoise:
+        """The draws of the images ``rows`` of the batch (one process's share)."""
+        return TrainingNoise(*(None if v is None else v[rows] for v in self))
 
 
 class Objective:
@@ -70,12 +84,19 @@ class Objective:
     def check_schedule(self, schedule: NoiseSchedule) -> None:
         """Raise a ValueError naming the fix when this objective cannot be used with ``schedule``."""
 
-    def drop_labels(self, class_labels: torch.Tensor, null_label: int, generator: torch.Generator | None) -> torch.Tensor:
-        """Replace each label by ``null_label`` with probability ``p_uncond``."""
-        if self.p_uncond == 0:
-            return class_labels
-        drop = torch.rand(class_labels.shape, device=class_labels.device, generator=generator) < self.p_uncond
-        return torch.where(drop, torch.full_like(class_labels, null_label), class_labels)
+    def draw(self, schedule: NoiseSchedule, shape: tuple[int, ...], device: torch.device,
+             generator: torch.Generator | None = None, conditional: bool = False) -> TrainingNoise:
+        """The random part of a training step for a batch of ``shape``: timesteps, noise and dropped labels.
+
+        Drawn in this order from ``generator``; a multi-process run draws them for the whole batch on every
+        process and keeps its own rows, so a run's randomness does not depend on its number of processes.
+        """
+        t = torch.randint(0, schedule.num_timesteps, shape[:1], device=device, generator=generator)
+        noise = torch.randn(shape, device=device, generator=generator)
+        drop_label = None
+        if conditional and self.p_uncond > 0:
+            drop_label = torch.rand(shape[:1], device=device, generator=generator) < self.p_uncond
+        return TrainingNoise(t, noise, drop_label)
 
     def loss(
         self,
@@ -84,12 +105,18 @@ class Objective:
         x0: torch.Tensor,
         generator: torch.Generator | None = None,
         class_labels: torch.Tensor | None = None,
+        draws: TrainingNoise | None = None,
     ) -> torch.Tensor:
-        """Per-image loss at uniformly drawn timesteps (DDPM Algorithm 1, lines 3-5)."""
-        t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        if class_labels is not None:
-            class_labels = self.drop_labels(class_labels, model.num_classes, generator)
+        """Per-image loss at uniformly drawn timesteps (DDPM Algorithm 1, lines 3-5).
+
+        ``draws`` gives the timesteps, noise and dropped labels (``draw``); without it they are drawn here.
+        A dropped label becomes the model's "no class" label (``p_uncond``, Ho & Salimans 2022).
+        """
+        if draws is None:
+            draws = self.draw(schedule, tuple(x0.shape), x0.device, generator, class_labels is not None)
+        t, noise = draws.t, draws.noise.to(x0.dtype)
+        if class_labels is not None and draws.drop_label is not None:
+            class_labels = torch.where(draws.drop_label, torch.full_like(class_labels, model.null_label), class_labels)
         alpha, sigma = (v.view(-1, *([1] * (x0.ndim - 1))) for v in schedule.alpha_sigma(t))
         output = model(schedule.q_sample(x0, t, noise), t, class_labels=class_labels).float()
         target = self.target(x0.float(), noise.float(), alpha, sigma)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -35,3 +36,30 @@ class WarmupCosineLR(LRScheduler):
 
     def get_lr(self) -> list[float]:
         return [base_lr * self.factor(self.last_epoch) for base_lr in self.base_lrs]
+
+
+# what a scheduler's state says about its progress; every other entry is a setting (a horizon, a warm-up...)
+PROGRESS_KEYS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial", "base_lrs"}
+
+
+def restore_lr_scheduler(scheduler: LRScheduler, saved: dict, steps: int) -> dict[str, tuple]:
+    """Continue a learning-rate schedule from a checkpoint, keeping the settings the run is resumed with.
+
+    When the saved settings equal the new ones, the saved state is loaded as it is. When they differ (a
+    resumed run given a new ``trainer.max_steps`` moves ``total_steps`` or ``T_max``), the new schedule is
+    replayed from step 0 to ``steps``: the run continues on the schedule it would have followed had it been
+    started with the new settings. Returns the changed settings as ``{name: (saved, new)}``.
+    """
+    fresh = scheduler.state_dict()
+    changed = {key: (saved.get(key), value) for key, value in fresh.items()
+               if key not in PROGRESS_KEYS and saved.get(key) != value}
+    if not changed:
+        scheduler.load_state_dict(saved)
+        return {}
+    for group, lr in zip(scheduler.optimizer.param_groups, fresh["_last_lr"]):
+        group["lr"] = lr  # the optimizer's state held the saved schedule's rate
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
+        for _ in range(steps):
+            scheduler.step()
+    return changed

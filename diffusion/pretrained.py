@@ -35,6 +35,6 @@ def load_trained(path: str | Path, use_ema: bool = True, device: torch.device | 
     use_ema = use_ema and "ema" in state
     load_weights(model, state["ema"]["state_dict"] if use_ema else state["model"],
                  what="EMA weights" if use_ema else "model weights")
-    num_classes = getattr(model, "num_classes", None)
+    num_classes = model.num_classes
     class_names = state.get("class_names") or ([str(i) for i in range(num_classes)] if num_classes else None)
     return TrainedModel(model.to(device).eval(), schedule.to(device), objective, state, use_ema, class_names)

@@ -70,3 +70,47 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path, x: str, y: list[str], l
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_search(trials: list[dict[str, Any]], path: Path, space: dict[str, dict[str, Any]], objective: str) -> Path:
+    """Draw the value each trial of a study returned against each searched parameter, one panel per parameter.
+
+    ``trials`` are ranked (best first, as ``diffusion.report.study_trials`` gives them), each with ``job``,
+    ``value`` and its value of each parameter; ``space`` gives each parameter's ``interval`` (the axis spans it)
+    and ``log`` (a log axis). A parameter of choices gets one column per choice. The best trial is starred.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(space), figsize=(4.2 * len(space), 3.6), squeeze=False)
+    for ax, (name, searched) in zip(axes[0], space.items()):
+        tried = [t for t in trials if t.get(name) is not None]
+        numeric = all(isinstance(t[name], (int, float)) for t in tried)
+        choices = [] if numeric else list(dict.fromkeys(str(t[name]) for t in tried))
+        position = (lambda v: v) if numeric else (lambda v: choices.index(str(v)))
+        ax.scatter([position(t[name]) for t in tried], [t["value"] for t in tried], color="tab:blue", zorder=2)
+        for trial in tried:
+            ax.annotate(str(trial["job"]), (position(trial[name]), trial["value"]), textcoords="offset points",
+                        xytext=(4, 3), fontsize=7, color="0.35")
+        if tried and tried[0] is trials[0]:
+            ax.scatter([position(trials[0][name])], [trials[0]["value"]], marker="*", s=220, color="tab:orange",
+                       zorder=3, label=f"best: job {trials[0]['job']}")
+            ax.legend(fontsize=8, frameon=False)
+        if not numeric:
+            ax.set_xticks(range(len(choices)), choices)
+            ax.set_xlim(-0.5, len(choices) - 0.5)
+        else:
+            if searched["log"]:
+                ax.set_xscale("log")
+            if searched["interval"]:
+                ax.set_xlim(*searched["interval"])
+        ax.set_xlabel(name)
+        ax.set_ylabel(objective)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle("every trial of the study, by job number", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -65,4 +65,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from diffusion.sample import main as main_by_reference  # launchers pickle the task by reference, not by value
+
+    main_by_reference()

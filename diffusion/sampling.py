@@ -24,7 +24,7 @@ def guided_output(
     """
     if class_labels is None or guidance_scale == 1.0:
         return model(x_t, t, class_labels=class_labels).float()
-    null = torch.full_like(class_labels, model.num_classes)
+    null = torch.full_like(class_labels, model.null_label)
     if guidance_scale == 0.0:
         return model(x_t, t, class_labels=null).float()
     both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), class_labels=torch.cat([class_labels, null])).float()
@@ -84,11 +84,16 @@ def generate(
 
 @contextlib.contextmanager
 def sampling_progress(num_batches: int, then: Callable[[dict], None] | None = None) -> Iterator[Callable[[dict], None]]:
-    """A sampler callback driving a tqdm bar over every step of every batch (on a terminal), then calling ``then``."""
+    """A sampler callback driving a tqdm bar over every step of every batch (on a terminal), then calling ``then``.
+
+    The bar's total is ``num_batches`` times the sampler's ``num_steps``; a sampler that does not report
+    ``num_steps`` gets a bar counting steps without a total.
+    """
     with tqdm(desc="sample", dynamic_ncols=True, disable=not sys.stderr.isatty()) as bar:
 
         def progress(info: dict) -> None:
-            bar.total = num_batches * info["num_steps"]
+            if "num_steps" in info:
+                bar.total = num_batches * info["num_steps"]
             bar.update(1)
             if then is not None:
                 then(info)

@@ -21,8 +21,9 @@ class TrajectoryRecorder:
     def __call__(self, info: dict) -> None:
         if info["i"] == 0:
             self.batches.append([])
-        every = self.every or max(1, -(-info["num_steps"] // self.max_frames))
-        if info["i"] % every == 0 or info["i"] == info["num_steps"] - 1:
+        num_steps = info.get("num_steps")  # optional in the sampler contract: without it, every step is kept
+        every = self.every or (max(1, -(-num_steps // self.max_frames)) if num_steps else 1)
+        if info["i"] % every == 0 or info["i"] == (num_steps or 0) - 1:
             self.batches[-1].append((info["x"].float().cpu(), info["x0"].float().cpu()))
 
     def save_gif(self, path: str | Path, nrow: int, upscale: int = 2, frame_ms: int = 80) -> Path:

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -12,7 +13,8 @@ from diffusion.bench import bench
 from diffusion.bench.measure import PeakMemory, count_flops, peak_matmul_flops
 from diffusion.bench.options import read_options
 from diffusion.bench.report import table
-from diffusion.bench.workloads import ModelSetup, build_model
+from diffusion.bench.runner import new_engine
+from diffusion.bench.workloads import ModelSetup, Parts, build_model
 from diffusion.objectives import EpsilonObjective
 from diffusion.schedules import LinearSchedule
 from tests.conftest import cli, compose_config
@@ -70,7 +72,8 @@ def test_the_profile_lists_the_top_ops_by_self_time(report):
 def test_flops_per_image_equal_an_independent_count(report):
     row = report[0]["results"][0]
     torch.manual_seed(0)
-    model = build_model(ModelSetup("unet_tiny", image_size=8, channels=1, batch_size=4, sample_batch_size=3))
+    model = build_model(ModelSetup("unet_tiny", image_size=8, channels=1, batch_size=4, sample_batch_size=3),
+                        channels_last=False)
     assert model.image_size == 8 and any("Attention" in type(m).__name__ for m in model.modules())
     schedule, x = LinearSchedule(), torch.randn(4, 1, 8, 8)
     # attention through the math path: plain bmm calls that FlopCounterMode counts without help
@@ -80,6 +83,28 @@ def test_flops_per_image_equal_an_independent_count(report):
         model(x[:3], torch.tensor([5, 50, 500]))
     assert row["train"]["flops_per_image"] == train_count.get_total_flops() / 4
     assert row["sample"]["flops_per_image"] == sample_count.get_total_flops() / 3
+
+
+def channels_last_convolutions(model: torch.nn.Module) -> set[bool]:
+    """Whether each 3x3 convolution weight over several channels is laid out channels-last (for the others, with a
+    size-1 dimension, both layouts are the same)."""
+    return {p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters()
+            if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] > 1}
+
+
+def test_the_channels_last_ratio_compares_the_two_memory_layouts(tmp_path):
+    # the model config asks for channels-last; the bench's baseline must not follow it
+    cfg = compose_config("bench", [*TINY, "+per_model.unet_tiny.model.channels_last=true"], tmp_path)
+    opts = read_options(cfg)
+    parts = Parts(schedule=instantiate(cfg.schedule), objective=instantiate(cfg.objective),
+                  optimizer=instantiate(cfg.optimizer), lr_scheduler=instantiate(cfg.lr_scheduler),
+                  trainer=instantiate(cfg.trainer, _partial_=True))
+    (setup,) = opts.setups
+    engines = {variant: new_engine(setup, parts, "fp32", variant, opts, tmp_path) for variant in opts.variants}
+    assert list(engines) == ["eager", "channels_last"]
+    for name, layout in (("eager", {False}), ("channels_last", {True})):
+        trained, sampled = engines[name].trainer.model, engines[name].trainer.ema.model  # the train and sample ratios
+        assert channels_last_convolutions(trained) == channels_last_convolutions(sampled) == layout, name
 
 
 def test_cpu_attention_kernels_are_counted():

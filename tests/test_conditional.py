@@ -49,8 +49,8 @@ def test_class_labels_by_index_name_list_and_all():
 
 
 def test_conditional_training_and_sampling_one_row_per_class_with_a_gif(tmp_path):
-    overrides = smoke_overrides(**{"model.num_classes": "auto", "trainer.num_samples": 20,
-                                   "trainer.guidance_scale": 2.0, "sampler": "dpmpp_2m", "sampler.steps": 5})
+    overrides = smoke_overrides(**{"model.num_classes": "auto", "callbacks.sample_grid.num_images": 20,
+                                   "callbacks.sample_grid.guidance_scale": 2.0, "sampler": "dpmpp_2m", "sampler.steps": 5})
     train(compose_config("train", overrides, tmp_path / "run"))
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["class_names"] == [str(i) for i in range(10)]

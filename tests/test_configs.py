@@ -8,8 +8,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
+from diffusion.callbacks import Callback
 from diffusion.config import CONFIG_DIR, resolve_num_classes
 from diffusion.loggers import Logger
+from diffusion.train import build_callbacks
 from tests.conftest import compose_config, smoke_overrides
 
 # the groups of conf/train.yaml (``study`` belongs to conf/eval.yaml)
@@ -22,8 +24,8 @@ def options(group: str) -> list[str]:
 
 
 def test_the_documented_groups_exist():
-    assert GROUPS == ["dataset", "debug", "experiment", "features", "logger", "lr_scheduler", "model", "objective",
-                      "optimizer", "sampler", "schedule", "trainer"]
+    assert GROUPS == ["callbacks", "dataset", "debug", "experiment", "features", "hparams_search", "logger",
+                      "lr_scheduler", "model", "objective", "optimizer", "sampler", "schedule", "trainer"]
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
@@ -54,6 +56,10 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     instantiate(cfg.objective)
     trainer = instantiate(cfg.trainer)
     assert trainer.max_steps == cfg.trainer.max_steps
+    callbacks = build_callbacks(cfg)
+    if group == "callbacks":
+        assert list(callbacks) == ([] if option == "none" else list(cfg.callbacks))
+    assert all(isinstance(callback, Callback) for callback in callbacks.values())
     logger = instantiate(cfg.logger)
     assert isinstance(logger, Logger)
     logger.finish()

@@ -1,10 +1,12 @@
 """Data sets: folders of images, the digits, the resumable order, and bad input."""
 
+import os
+
 import pytest
 import torch
 from PIL import Image
 
-from diffusion.data import DigitsDataset, EpochBatchSampler, ImageFolderDataset
+from diffusion.data import DigitsDataset, EpochBatchSampler, ImageFolderDataset, TensorImageDataset
 
 
 def make_folder(root, classes=("cats", "dogs"), per_class=3, size=(40, 30)):
@@ -71,6 +73,44 @@ def test_digits_splits_are_disjoint_stratified_and_fixed():
     assert torch.equal(DigitsDataset(image_size=8, split="test").images, test.images)
     with pytest.raises(ValueError, match="dataset.split='val' is not known"):
         DigitsDataset(split="val")
+
+
+def test_an_image_folders_fingerprint_follows_its_files_names_sizes_and_times(tmp_path):
+    root = make_folder(tmp_path / "data")
+    fingerprint = ImageFolderDataset(root, image_size=8).fingerprint()
+    assert ImageFolderDataset(root, image_size=8, random_flip=False).fingerprint() == fingerprint  # flips: same images
+    assert ImageFolderDataset(root, image_size=16).fingerprint() != fingerprint
+    assert ImageFolderDataset(root, image_size=8, channels=1).fingerprint() != fingerprint
+    dataset = ImageFolderDataset(root, image_size=8)
+    image = root / "dogs" / "1.jpg"
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: it may hold another picture
+    assert dataset.fingerprint() != fingerprint
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert dataset.fingerprint() == fingerprint
+    image.rename(root / "dogs" / "9.jpg")  # same files, another name
+    assert ImageFolderDataset(root, image_size=8).fingerprint() != fingerprint
+    # the folder's place is not part of what it serves
+    (root / "dogs" / "9.jpg").rename(image)
+    root.rename(tmp_path / "moved")
+    assert ImageFolderDataset(tmp_path / "moved", image_size=8).fingerprint() == fingerprint
+
+
+def test_in_memory_fingerprints_follow_the_images_they_serve():
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    labels = torch.tensor([0, 1, 0, 1])
+    fingerprint = TensorImageDataset(images, labels).fingerprint()
+    assert TensorImageDataset(images.clone(), labels.clone()).fingerprint() == fingerprint
+    changed = images.clone()
+    changed[2, 0, 3, 3] += 0.01
+    assert TensorImageDataset(changed, labels).fingerprint() != fingerprint
+    assert TensorImageDataset(images, labels.flip(0)).fingerprint() != fingerprint
+    assert TensorImageDataset(images.reshape(4, 4, 4, 4), labels).fingerprint() != fingerprint  # same bytes
+    test = DigitsDataset(image_size=8, split="test").fingerprint()
+    assert DigitsDataset(image_size=8, split="test").fingerprint() == test
+    others = [DigitsDataset(image_size=8, split="train"), DigitsDataset(image_size=16, split="test"),
+              DigitsDataset(image_size=8, channels=3, split="test")]
+    assert len({test, *(other.fingerprint() for other in others)}) == 4
 
 
 def test_batch_order_resumes_mid_epoch():

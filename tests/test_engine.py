@@ -8,7 +8,6 @@ from diffusion.data import DigitsDataset
 from diffusion.ema import EMA
 from diffusion.models import UNet
 from diffusion.objectives import EpsilonObjective
-from diffusion.samplers import sample_ddpm
 from diffusion.schedules import LinearSchedule
 from diffusion.train import train
 from diffusion.trainer import Trainer
@@ -38,7 +37,7 @@ def test_ema_follows_its_warmup_formula_and_cadence():
 class ReconstructionObjective(EpsilonObjective):
     """A deterministic loss (no random timesteps or noise), so two batchings must give one gradient."""
 
-    def loss(self, model, schedule, x0, generator=None, class_labels=None):
+    def loss(self, model, schedule, x0, generator=None, class_labels=None, draws=None):
         t = torch.full((x0.shape[0],), 3, device=x0.device)
         return (model(x0, t) - x0).pow(2).flatten(1).mean(1)
 
@@ -48,8 +47,8 @@ def one_sgd_step(tmp_path, batch_size, accumulation_steps):
     model = UNet(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                  attention_resolutions=(4,), num_heads=2, norm_groups=4)
     trainer = Trainer(max_steps=1, batch_size=batch_size, accumulation_steps=accumulation_steps, device="cpu",
-                      log_every=0, sample_every=0, checkpoint_every=0, progress_bar=False, grad_clip=None)
-    trainer.fit(model=model, schedule=LinearSchedule(10), objective=ReconstructionObjective(), sampler=sample_ddpm,
+                      grad_clip=None)
+    trainer.fit(model=model, schedule=LinearSchedule(10), objective=ReconstructionObjective(),
                 dataset=DigitsDataset(image_size=8), optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
                 lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0),
                 run_dir=tmp_path)
@@ -90,7 +89,7 @@ def test_checkpoints_are_written_atomically_and_load_without_code(tmp_path):
 
 
 def test_keep_checkpoints_prunes_old_step_files(tmp_path):
-    overrides = smoke_overrides(**{"trainer.max_steps": 8, "trainer.checkpoint_every": 2, "trainer.keep_checkpoints": 2})
+    overrides = smoke_overrides(**{"trainer.max_steps": 8, "callbacks.checkpoint.every": 2, "callbacks.checkpoint.keep": 2})
     train(compose_config("train", overrides, tmp_path))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "step_6.pt", "step_8.pt"]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 8

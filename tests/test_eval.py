@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from hydra.errors import InstantiationException
 
-from diffusion.data import DigitsDataset
+from diffusion.data import DigitsDataset, ImageFolderDataset
 from diffusion.eval import evaluate
-from diffusion.evaluation import METRIC_KEYS
+from diffusion.evaluation import METRIC_KEYS, reference_statistics
 from diffusion.features import DigitsClassifier, InceptionV3, extract, in_batches
 from diffusion.images import save_images
 from diffusion.samplers import steps_for_nfe
@@ -88,6 +88,46 @@ def test_reference_statistics_are_computed_once_per_data_set_split_and_extractor
     other = evaluate(eval_config(tmp_path / "c", fresh, "real_split=test", "reference_split=all"))
     assert not other["reference"]["cached"] and other["reference"]["cache"] != path
     assert other["reference"]["num_images"] == 1797
+
+
+def save_digit(digits: DigitsDataset, index: int, path) -> None:
+    """Digit ``index`` of ``digits`` as an 8-bit grayscale PNG."""
+    pixels = ((digits.images[index, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(path)
+
+
+def test_replacing_an_image_of_a_folder_recomputes_its_reference_statistics(classifier, tmp_path):
+    digits = DigitsDataset(image_size=16, split="test")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        save_digit(digits, i, folder / f"{i}.png")
+    config = {"_target_": "diffusion.data.ImageFolderDataset", "root": str(folder), "image_size": 16, "channels": 1,
+              "random_flip": False}
+
+    def statistics():
+        dataset = ImageFolderDataset(str(folder), image_size=16, channels=1, random_flip=False)
+        return reference_statistics(classifier, dataset, config, tmp_path / "cache", torch.device("cpu"))
+
+    def features_of_file_2():
+        image = ImageFolderDataset(str(folder), image_size=16, channels=1).load(folder / "2.png")
+        return classifier.features(image[None])[0]
+
+    first = statistics()
+    assert not first["cached"]
+    again = statistics()  # an unchanged folder hits the cache
+    assert again["cached"] and again["path"] == first["path"] and torch.equal(again["mu"], first["mu"])
+    old, before = features_of_file_2(), (folder / "2.png").stat()
+    save_digit(digits, 10, folder / "2.png")  # same count, same names, another digit in one file
+    assert (folder / "2.png").stat().st_size != before.st_size and len(list(folder.iterdir())) == 6
+    replaced = statistics()
+    assert not replaced["cached"] and replaced["path"].parent == first["path"].parent
+    assert replaced["path"].name.startswith("imagefolderdataset-all-16px-")
+    # the mean feature moves by exactly (new image's features - old image's features) / 6
+    torch.testing.assert_close(replaced["mu"] - first["mu"], (features_of_file_2() - old).double() / 6,
+                               atol=1e-5, rtol=1e-4)
+    assert (replaced["mu"] - first["mu"]).abs().max() > 1e-2
+    assert statistics()["cached"]  # and the new content is cached in its turn
 
 
 @pytest.fixture(scope="module")

@@ -83,11 +83,25 @@ def test_min_snr_weighting_is_min_snr_gamma_times_the_x0_error(objective):
     torch.testing.assert_close(loss, uniform.x0_error_scale(snr) * delta**2, rtol=2e-3, atol=1e-7)
 
 
+class LabelRecorder(torch.nn.Module):
+    """Records the class labels the loss passes to the network."""
+
+    null_label = 10
+
+    def forward(self, x_t, t, class_labels=None):
+        self.seen = class_labels
+        return torch.zeros_like(x_t)
+
+
 def test_label_dropout_drops_the_requested_fraction():
-    objective = EpsilonObjective(p_uncond=0.2)
+    schedule, model = LinearSchedule(10), LabelRecorder()
     labels = torch.arange(10).repeat(10_000)
-    dropped = objective.drop_labels(labels, null_label=10, generator=torch.Generator().manual_seed(0))
+    x0 = torch.zeros(len(labels), 1, 1, 1)
+    EpsilonObjective(p_uncond=0.2).loss(model, schedule, x0, torch.Generator().manual_seed(0), labels)
+    dropped = model.seen
     fraction = (dropped == 10).float().mean().item()
     assert fraction == pytest.approx(0.2, abs=0.005)  # 100,000 draws: standard error 0.0013
     assert torch.equal(dropped[dropped != 10], labels[dropped != 10])
-    assert torch.equal(EpsilonObjective(p_uncond=0.0).drop_labels(labels, 10, None), labels)
+    EpsilonObjective(p_uncond=0.0).loss(model, schedule, x0, None, labels)
+    assert torch.equal(model.seen, labels)
+

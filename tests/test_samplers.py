@@ -1,15 +1,23 @@
 """Samplers driven by the exact denoiser of Gaussian data, whose answer is known in closed form."""
 
+import re
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+import diffusion.samplers
+from diffusion.config import CONFIG_DIR
 from diffusion.models import UNet
 from diffusion.objectives import EpsilonObjective
 from diffusion.samplers import (
     image_generators, karras_sigmas, randn_per_image, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
     sample_euler_ancestral, sample_heun, sampling_timesteps,
 )
-from diffusion.sampling import generate
+from diffusion.sampling import generate, sampling_progress
 from diffusion.schedules import CosineSchedule, LinearSchedule
 from tests.helpers import perturb_zero_layers
 
@@ -263,3 +271,51 @@ def test_sigma_to_t_inverts_the_schedules_noise_levels():
     torch.testing.assert_close(schedule.sigma_to_t(schedule.sigmas[t.long()]), t, atol=2e-3, rtol=0)
     half = schedule.sigma_to_t(schedule.sigmas[[10, 11]].mean().reshape(1))
     assert 10.0 < half.item() < 11.0
+
+
+# every sampler of the ``sampler`` config group, so that a new one is held to the callback contract too
+SAMPLER_CONFIGS = sorted(Path(CONFIG_DIR, "sampler").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", SAMPLER_CONFIGS, ids=[path.stem for path in SAMPLER_CONFIGS])
+def test_every_sampler_keeps_the_documented_callback_contract(config):
+    schedule = LinearSchedule(100)
+    sampler = instantiate(OmegaConf.load(config), steps=4)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen = []
+    out = sampler(gaussian_denoiser(torch.zeros(1), torch.ones(1), schedule), x, schedule, image_generators([0, 1]),
+                  callback=seen.append)
+    assert [info["i"] for info in seen] == [0, 1, 2, 3]
+    assert {info["num_steps"] for info in seen} == {len(seen)}
+    for info in seen:
+        assert isinstance(info["x"], torch.Tensor) and isinstance(info["x0"], torch.Tensor)
+        assert info["x"].shape == info["x0"].shape == x.shape
+    torch.testing.assert_close(seen[-1]["x"], out)  # the last step reports the image returned
+    documented = set(re.findall(r"^- ``(\w+)``:", diffusion.samplers.__doc__, flags=re.MULTILINE))
+    passed = {key for info in seen for key in info}
+    assert passed <= documented, f"{sorted(passed - documented)} passed to the callback but not documented"
+
+
+def sample_reporting_the_required_keys(denoiser, x, schedule, generators, callback=None, steps=3):
+    """A sampler written to the module docstring alone: its callback gets ``i``, ``x`` and ``x0``, nothing more."""
+    for i, step in enumerate(sampling_timesteps(schedule.num_timesteps, steps).tolist()):
+        x0, _ = denoiser(x, torch.full((x.shape[0],), step, dtype=torch.long))
+        x = x0 if i + 1 == steps else x
+        if callback is not None:
+            callback({"i": i, "x": x, "x0": x0})
+    return x
+
+
+@pytest.mark.parametrize("sampler, total", [(sample_reporting_the_required_keys, "6it"), (sample_ddim, "6/6")],
+                         ids=["required_keys_only", "ddim"])
+def test_the_progress_bar_counts_every_step_with_or_without_their_number(sampler, total, monkeypatch, capsys):
+    torch.manual_seed(0)
+    model = UNet(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                 attention_resolutions=(4,), num_heads=2, norm_groups=4).eval()
+    schedule, objective, seen = LinearSchedule(20), EpsilonObjective(), []
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar shows on a terminal only
+    with sampling_progress(num_batches=2, then=seen.append) as progress:
+        generate(model, schedule, objective, lambda *args, **kwargs: sampler(*args, **kwargs, steps=3),
+                 [0, 1, 2], (1, 8, 8), batch_size=2, callback=progress)
+    assert [info["i"] for info in seen] == [0, 1, 2, 0, 1, 2]
+    assert re.findall(r"sample: [^\r\n]*?(\d+(?:it|/\d+))", capsys.readouterr().err)[-1] == total

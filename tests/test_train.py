@@ -18,7 +18,7 @@ from tests.conftest import REPO, cli, compose_config, smoke_overrides
 
 
 def test_a_few_steps_on_digits_leave_the_documented_run_directory(tmp_path):
-    cfg = compose_config("train", smoke_overrides(**{"trainer.max_steps": 6, "trainer.sample_every": 3}), tmp_path)
+    cfg = compose_config("train", smoke_overrides(**{"trainer.max_steps": 6, "callbacks.sample_grid.every": 3}), tmp_path)
     result = train(cfg)
     assert result["step"] == 6 and result["stopped_by_signal"] is None
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -51,7 +51,7 @@ def stop_with_sigterm_at(step: int, monkeypatch):
 
 
 def test_resuming_after_sigterm_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    overrides = smoke_overrides(**{"trainer.max_steps": 10, "trainer.checkpoint_every": 100,
+    overrides = smoke_overrides(**{"trainer.max_steps": 10, "callbacks.checkpoint.every": 100,
                                    "model.dropout": 0.1, "dataset.random_flip": "true"})
     train(compose_config("train", overrides, tmp_path / "straight"))
 
@@ -78,8 +78,8 @@ def test_resuming_after_sigterm_equals_an_uninterrupted_run(tmp_path, monkeypatc
 
 
 def test_sigkill_then_resume_auto_continues_from_the_last_checkpoint(tmp_path):
-    args = ["debug=smoke", "logger=none", "trainer.max_steps=400", "trainer.checkpoint_every=5",
-            "trainer.sample_every=0", "trainer.log_every=5", f"paths.runs_dir={tmp_path / 'runs'}"]
+    args = ["debug=smoke", "logger=none", "trainer.max_steps=400", "callbacks.checkpoint.every=5",
+            "callbacks.sample_grid.every=0", "callbacks.metrics.every=5", f"paths.runs_dir={tmp_path / 'runs'}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
     process = subprocess.Popen([sys.executable, "-m", "diffusion.train", *args], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -142,6 +142,41 @@ def test_tensorboard_and_csv_log_the_same_scalars(tmp_path):
     assert events.Tags()["images"] == ["samples"]
 
 
+def test_a_callback_added_through_yaml_alone_runs_at_its_cadence_and_keeps_its_state(tmp_path):
+    (tmp_path / "conf" / "callbacks").mkdir(parents=True)
+    (tmp_path / "conf" / "callbacks" / "count_steps.yaml").write_text(
+        "count_steps:\n  _target_: tests.helpers.CountSteps\n  every: 3\n  path: ${paths.output_dir}/steps.txt\n")
+    overrides = smoke_overrides(**{"hydra.searchpath": f"[file://{tmp_path / 'conf'}]",
+                                   "callbacks": "[default,count_steps]", "trainer.max_steps": 7})
+    cfg = compose_config("train", overrides, tmp_path / "run")
+    assert list(cfg.callbacks) == ["metrics", "progress_bar", "sample_grid", "evaluation", "checkpoint", "count_steps"]
+    train(cfg)
+    assert (tmp_path / "run" / "steps.txt").read_text().split() == ["3", "6", "7"]  # its cadence, and the last step
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["callbacks"]["count_steps"] == {
+        "fired": [3, 6, 7]}
+    train(compose_config("train", [*overrides[:-1], "trainer.max_steps=9", f"resume={tmp_path / 'run'}"],
+                         tmp_path / "run"))
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["callbacks"]["count_steps"] == {
+        "fired": [3, 6, 7, 9]}  # its state came back from the checkpoint
+
+
+def test_the_csv_logger_merges_the_metrics_of_a_step_and_rewrites_a_resumed_tail(tmp_path):
+    from diffusion.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path)
+    logger.log_metrics({"loss": 1.0}, step=2)
+    logger.log_metrics({"loss": 0.5}, step=4)
+    logger.log_metrics({"eval/fd": 3.0}, step=4)  # evaluation metrics of the same step join its row
+    logger.log_metrics({"loss": 0.25}, step=6)
+    resumed = CSVLogger(tmp_path)  # a run resumed from its checkpoint of step 2 logs step 4 again
+    resumed.log_metrics({"loss": 0.75}, step=4)
+    import csv
+
+    with open(tmp_path / "metrics.csv") as f:
+        rows = [(r["step"], r["loss"], r["eval/fd"]) for r in csv.DictReader(f)]
+    assert rows == [("2", "1.0", ""), ("4", "0.75", "3.0")]
+
+
 def test_a_two_by_two_sweep_makes_four_runs(tmp_path):
     cli("train", "-m", "schedule=linear,cosine", "optimizer.lr=1e-4,3e-4", "debug=smoke", "logger=none",
         f"paths.runs_dir={tmp_path}", cwd=tmp_path)
@@ -168,16 +203,53 @@ def test_a_two_by_two_sweep_makes_four_runs(tmp_path):
 
 
 def test_in_training_evaluation_logs_metrics_and_keeps_the_best_checkpoint(tmp_path):
-    overrides = smoke_overrides(**{"trainer.max_steps": 6, "trainer.eval_every": 2, "evaluation.num_images": 20,
-                                   "evaluation.sampler.steps": 4, "paths.cache_dir": tmp_path / "cache",
-                                   "model.num_classes": "auto"})
-    train(compose_config("train", overrides, tmp_path / "run"))
+    overrides = smoke_overrides(**{"trainer.max_steps": 6, "callbacks.evaluation.every": 2,
+                                   "callbacks.evaluation.num_images": 20, "callbacks.evaluation.sampler.steps": 4,
+                                   "paths.cache_dir": tmp_path / "cache", "model.num_classes": "auto",
+                                   "logger": "csv", "optimized_metric": "eval/best_fd"})
+    result = train(compose_config("train", overrides, tmp_path / "run"))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    evaluations = [r for r in records if "eval/fd" in r]
-    assert [r["step"] for r in evaluations] == [2, 4, 6]
-    assert all(r["eval/fd"] > 0 and 0 <= r["eval/conditional_accuracy"] <= 1 for r in evaluations)
-    best = min(evaluations, key=lambda r: r["eval/fd"])
+    assert [r["step"] for r in records] == [2, 4, 6]  # one line per step: training and evaluation metrics together
+    assert all(r["loss"] > 0 and r["eval/fd"] > 0 and 0 <= r["eval/conditional_accuracy"] <= 1 for r in records)
+    best = min(records, key=lambda r: r["eval/fd"])
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
-    assert state["step"] == best["step"] and state["best"] == {"metric": "fd", "value": best["eval/fd"],
-                                                                "step": best["step"]}
-    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["best"] == state["best"]
+    expected = {"metric": "fd", "value": best["eval/fd"], "step": best["step"]}
+    assert state["step"] == best["step"] and state["callbacks"]["evaluation"]["best"] == expected
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["callbacks"]["evaluation"]["best"] == expected
+    assert result["eval/best_fd"] == best["eval/fd"] and result["eval/best_step"] == best["step"]
+    import csv
+
+    with open(tmp_path / "run" / "metrics.csv") as f:  # the CSV tracker kept the training row of each evaluation
+        rows = list(csv.DictReader(f))
+    assert [(int(r["step"]), float(r["loss"]), float(r["eval/fd"])) for r in rows] == [
+        (r["step"], pytest.approx(r["loss"]), pytest.approx(r["eval/fd"])) for r in records]
+
+
+def test_an_evaluation_metric_the_run_cannot_measure_is_refused_when_it_starts(tmp_path):
+    overrides = smoke_overrides(**{"callbacks.evaluation.every": 2, "callbacks.evaluation.metric": "conditional_accuracy",
+                                   "paths.cache_dir": tmp_path / "cache"})
+    with pytest.raises(ValueError, match=r"metric='conditional_accuracy' cannot be measured in this run \(an "
+                                         r"unconditional model has no conditional accuracy\): choose one of \['fd', "
+                                         r"'kid', 'kid_std', 'precision', 'recall', 'inception_score'"):
+        train(compose_config("train", overrides, tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the first step
+
+
+@pytest.mark.parametrize("lr_scheduler", ["warmup_cosine", "cosine"])
+def test_resuming_with_more_steps_stretches_the_learning_rate_schedule(tmp_path, lr_scheduler):
+    overrides = smoke_overrides(**{"lr_scheduler": lr_scheduler, "callbacks.metrics.every": 1,
+                                   "callbacks.sample_grid.every": 0})
+    if lr_scheduler == "warmup_cosine":
+        overrides.append("lr_scheduler.warmup_steps=2")
+    train(compose_config("train", [*overrides, "trainer.max_steps=8"], tmp_path / "straight"))
+    train(compose_config("train", [*overrides, "trainer.max_steps=4"], tmp_path / "resumed"))
+    result = train(compose_config("train", [*overrides, "trainer.max_steps=8", f"resume={tmp_path / 'resumed'}"],
+                                  tmp_path / "resumed"))
+    assert result["step"] == 8
+
+    def lrs(run):
+        return [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    straight, resumed = lrs(tmp_path / "straight"), lrs(tmp_path / "resumed")
+    assert resumed[4:] == pytest.approx(straight[4:], rel=1e-12)  # steps 5-8 follow the 8-step schedule
+    assert resumed[3] < straight[3]  # the first 4 steps had followed the 4-step schedule

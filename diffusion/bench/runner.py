@@ -12,8 +12,8 @@ from diffusion.bench.measure import PeakMemory, count_flops, median, seconds_per
 from diffusion.bench.options import BenchOptions
 from diffusion.bench.report import top_ops
 from diffusion.bench.workloads import (
-    BareWorkload, EngineWorkload, LoaderWorkload, ModelSetup, Parts, SamplingWorkload, build_model, prepare,
-    synthetic_batch,
+    BareWorkload, EngineWorkload, LoaderWorkload, ModelSetup, Parts, SamplingWorkload, build_model, synthetic_batch,
+    variant_model,
 )
 from diffusion.data import DigitsDataset, ImageFolderDataset
 
@@ -22,10 +22,9 @@ def new_engine(setup: ModelSetup, parts: Parts, precision: str, variant: str, op
                run_dir: Path) -> EngineWorkload:
     """A freshly initialised model of ``setup`` trained by the engine, after its first step."""
     torch.manual_seed(opts.seed)
-    model = prepare(build_model(setup), variant)
+    model = variant_model(setup, variant)
     trainer = parts.trainer(
         batch_size=setup.batch_size, accumulation_steps=1, precision=precision, device=str(opts.device),
-        log_every=0, sample_every=0, checkpoint_every=0, progress_bar=False,
     )
     batch = synthetic_batch(setup.batch_size, setup.channels, setup.image_size, opts.seed, variant == "channels_last")
     return EngineWorkload(trainer, model, parts, batch, run_dir / variant)
@@ -38,8 +37,9 @@ def bench_model(setup: ModelSetup, precision: str, parts: Parts, opts: BenchOpti
         with PeakMemory(device) as train_memory:
             engines = {"eager": new_engine(setup, parts, precision, "eager", opts, Path(tmp))}
         torch.manual_seed(opts.seed)
-        bare = BareWorkload(build_model(setup), parts, synthetic_batch(setup.batch_size, setup.channels,
-                            setup.image_size, opts.seed), precision, device)
+        bare = BareWorkload(build_model(setup, channels_last=False), parts,
+                            synthetic_batch(setup.batch_size, setup.channels, setup.image_size, opts.seed), precision,
+                            device)
         train_flops = count_flops(lambda: bare(1)) / setup.batch_size
         for variant in opts.variants[1:]:
             engines[variant] = new_engine(setup, parts, precision, variant, opts, Path(tmp))

@@ -12,7 +12,6 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from diffusion.config import CONFIG_DIR
 from diffusion.data import TensorImageDataset, build_loader
@@ -53,23 +52,28 @@ def known_models() -> list[str]:
     return sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))
 
 
-def build_model(setup: ModelSetup) -> nn.Module:
-    """Compose ``conf/model/<name>.yaml`` at the setup's image size and channels, with its overrides, and build it."""
+def build_model(setup: ModelSetup, *, channels_last: bool) -> nn.Module:
+    """Compose ``conf/model/<name>.yaml`` at the setup's image size and channels, with its overrides, and build it.
+
+    ``channels_last`` sets the memory layout whatever the model config and the overrides say, so that the
+    ``channels_last`` variant is compared with a baseline in the contiguous layout.
+    """
     path = MODEL_DIR / f"{setup.name}.yaml"
     if not path.is_file():
         raise ValueError(f"models lists {setup.name!r}, which has no conf/model/{setup.name}.yaml; choose from {known_models()}")
     root = OmegaConf.merge(
         {"dataset": {"image_size": setup.image_size, "channels": setup.channels}, "model": OmegaConf.load(path)},
         {"model": setup.model},
+        {"model": {"channels_last": channels_last}},
     )
     return instantiate(root.model)
 
 
-def prepare(model: nn.Module, variant: str) -> nn.Module:
-    """The model as a variant runs it: unchanged, in channels-last memory format, or compiled in place."""
-    if variant == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
-    elif variant == "compile":
+def variant_model(setup: ModelSetup, variant: str) -> nn.Module:
+    """The model as a variant runs it: in the contiguous layout (eager), in the channels-last layout, or
+    contiguous and compiled in place."""
+    model = build_model(setup, channels_last=variant == "channels_last")
+    if variant == "compile":
         model.compile()
     return model
 
@@ -99,15 +103,14 @@ class EngineWorkload:
         self.trainer = trainer
         trainer.max_steps = 1
         trainer.fit(
-            model=model, schedule=parts.schedule, objective=parts.objective, sampler=None,
+            model=model, schedule=parts.schedule, objective=parts.objective,
             dataset=TensorImageDataset(*batch), optimizer=parts.optimizer, lr_scheduler=parts.lr_scheduler, run_dir=run_dir,
         )
         self.batches = itertools.repeat(tuple(t.to(trainer.device) for t in batch))
-        self.bar = tqdm(disable=True)
 
     def __call__(self, steps: int) -> None:
         self.trainer.max_steps = self.trainer.step + steps
-        self.trainer.train_loop(self.batches, StopRequest(), self.bar)
+        self.trainer.train_loop(self.batches, StopRequest())
 
 
 class BareWorkload:
@@ -123,7 +126,7 @@ class BareWorkload:
         self.autocast = dict(device_type=device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
         self.generator = torch.Generator(device).manual_seed(0)
         images, labels = (t.to(device) for t in batch)
-        self.images, self.labels = images, labels if getattr(model, "num_classes", None) else None
+        self.images, self.labels = images, labels if model.num_classes else None
 
     def __call__(self, steps: int) -> None:
         for _ in range(steps):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 import torch.nn.functional as F
 
@@ -45,3 +48,8 @@ class DigitsDataset(TensorImageDataset):
             random_flip=random_flip,
         )
         self.split = split
+
+    def fingerprint(self) -> str:
+        """A short hex digest of the split, size and channels (the digits themselves ship with scikit-learn)."""
+        served = {"digits": self.split, "image_size": self.image_size, "channels": self.channels}
+        return hashlib.sha256(json.dumps(served, sort_keys=True).encode()).hexdigest()[:16]

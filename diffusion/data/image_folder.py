@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -72,6 +73,18 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def fingerprint(self) -> str:
+        """A short hex digest of the size and channels served and of every file's path under root, size and mtime."""
+        digest = hashlib.sha256(f"{self.image_size}px {self.channels}ch\n".encode())
+        for path, _ in self.samples:
+            try:
+                stat = path.stat()
+                state = f"{stat.st_size} {stat.st_mtime_ns}"
+            except OSError:  # gone since the folder was listed: skipped when read, like an unreadable image
+                state = "missing"
+            digest.update(f"{path.relative_to(self.root).as_posix()} {state}\n".encode())
+        return digest.hexdigest()[:16]
 
     def load(self, path: Path) -> torch.Tensor:
         """Decode, convert, resize on the shorter side, centre-crop, scale to [-1, 1]."""

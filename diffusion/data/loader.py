@@ -10,17 +10,27 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class EpochBatchSampler(Sampler[list[int]]):
-    """Shuffled full batches: epoch e is a permutation drawn from ``seed + e``, started at ``start_batch``."""
+    """Shuffled full batches: epoch e is a permutation drawn from ``seed + e``, started at ``start_batch``.
 
-    def __init__(self, num_items: int, batch_size: int, seed: int = 0) -> None:
+    With several processes, ``batch_size`` is the whole batch and process ``rank`` reads its own consecutive
+    share of each batch, so the order of the data, and where a resumed run continues, do not depend on the
+    number of processes.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if num_items < batch_size:
             raise ValueError(
                 f"the data set has {num_items} images, fewer than one batch of {batch_size}: "
                 "lower trainer.batch_size or add images"
             )
+        if batch_size % world_size:
+            raise ValueError(f"trainer.batch_size={batch_size} does not split evenly over {world_size} processes: "
+                             f"use a multiple of {world_size}")
         self.num_items = num_items
         self.batch_size = batch_size
         self.seed = seed
+        share = batch_size // world_size
+        self.rows = slice(rank * share, (rank + 1) * share)
         self.epoch = 0
         self.start_batch = 0
 
@@ -36,7 +46,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.num_items, generator=generator).tolist()
         for b in range(self.start_batch, self.num_items // self.batch_size):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield order[b * self.batch_size : (b + 1) * self.batch_size][self.rows]
 
 
 def _ignore_sigint(_worker_id: int) -> None:
@@ -49,9 +59,11 @@ def _already_batched(batch):
     return batch
 
 
-def build_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, pin_memory: bool) -> DataLoader:
-    """A DataLoader over ``EpochBatchSampler``; its workers' seeds come from a fixed generator, not the global RNG."""
-    sampler = EpochBatchSampler(len(dataset), batch_size, seed)
+def build_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, pin_memory: bool, rank: int = 0,
+                 world_size: int = 1) -> DataLoader:
+    """A DataLoader over ``EpochBatchSampler`` (this process's share of each batch); its workers' seeds come
+    from a fixed generator, not the global RNG."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed, rank, world_size)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -64,7 +76,11 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
     )
 
 
-def random_hflip(images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2."""
-    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+def random_hflip(images: torch.Tensor, generator: torch.Generator | None, rows: slice = slice(None),
+                 batch_size: int | None = None) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2.
+
+    ``images`` are the ``rows`` of a batch of ``batch_size``: the coin flips are drawn for the whole batch.
+    """
+    flip = torch.rand(batch_size or images.shape[0], device=images.device, generator=generator)[rows] < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -32,6 +33,15 @@ class TensorImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def fingerprint(self) -> str:
+        """A short hex digest of the images and labels served: their shapes, dtypes and values."""
+        digest = hashlib.sha256()
+        for tensor in (self.images, torch.as_tensor(self.labels)):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{tuple(tensor.shape)} {tensor.dtype};".encode())
+            digest.update(tensor.flatten().view(torch.uint8).numpy())
+        return digest.hexdigest()[:16]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], int(self.labels[index])

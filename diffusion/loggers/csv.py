@@ -20,8 +20,11 @@ class CSVLogger(Logger):
                 self.rows = list(csv.DictReader(f))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.rows = [row for row in self.rows if int(row["step"]) < step]  # a resumed run rewrites its tail
-        self.rows.append({"step": step, **metrics})
+        """Add ``metrics`` to the row of ``step`` (a new last row; rows after it, left by a run that was resumed
+        from an earlier checkpoint, are dropped)."""
+        kept = [row for row in self.rows if int(row["step"]) <= step]
+        same_step = kept.pop() if kept and int(kept[-1]["step"]) == step else {}
+        self.rows = [*kept, {**same_step, "step": step, **metrics}]
         fields = ["step"] + sorted({key for row in self.rows for key in row} - {"step"})
         with open(self.path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)

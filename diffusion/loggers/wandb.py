@@ -17,8 +17,10 @@ class WandbLogger(Logger):
         project: the W&B project.
         mode: ``offline`` (the default: nothing leaves the machine), ``online`` or ``disabled``.
             ``None`` defers to the ``WANDB_MODE`` environment variable, else offline.
-        name: the run's display name (defaults to the run directory's name).
-        entity, group, tags, notes: passed to ``wandb.init``.
+        name: the run's display name (defaults to ``<task>/<run folder>``; conf/logger/wandb.yaml names a sweep's
+            jobs after the overrides they vary).
+        group: the W&B group (conf/logger/wandb.yaml puts every job of a sweep in one, ``<task>/<sweep folder>``).
+        entity, tags, notes: passed to ``wandb.init``.
     """
 
     def __init__(

@@ -129,12 +129,17 @@ class UNet(nn.Module):
                 f"(dataset.image_size) or fewer levels (model.channel_mult)"
             )
 
+    @property
+    def null_label(self) -> int | None:
+        """The "no class" label of a class-conditional model (the embedding's last row), else ``None``."""
+        return self.num_classes
+
     def embed(self, t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         """The conditioning vector: time embedding, plus the class embedding for conditional models."""
         emb = self.time_mlp(self.time_embed_dropout(sinusoidal_embedding(t, self.time_dim)))
         if self.class_embed is not None:
             if class_labels is None:
-                class_labels = torch.full_like(t, self.num_classes, dtype=torch.long)
+                class_labels = torch.full_like(t, self.null_label, dtype=torch.long)
             emb = emb + self.class_embed(class_labels)
         return emb
 

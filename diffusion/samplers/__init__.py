@@ -2,8 +2,18 @@
 
 Every sampler has the signature ``sample(denoiser, x, schedule, generators, callback=None, **options)``:
 ``denoiser(x_t, t)`` returns ``(x0_hat, eps_hat)``, ``x`` is standard normal noise, ``generators`` holds one
-``torch.Generator`` per image (so each image is reproducible whatever batch it is drawn in), and
-``callback`` sees every step as a dict with ``i``, ``x`` (the current noisy image) and ``x0``.
+``torch.Generator`` per image (so each image is reproducible whatever batch it is drawn in).
+
+``callback``, when given, is called after every step, in order, with a dict holding the keys below. A sampler
+must pass the first three; a callback must work without the others (a progress bar then has no total).
+
+- ``i``: the step's index, 0 to ``num_steps - 1``.
+- ``x``: the image after this step, scaled as a variance-preserving x_t (after the last step, the image returned).
+- ``x0``: the step's prediction of the clean image.
+- ``num_steps``: how many steps the sampler takes, the same at every step (every built-in sampler passes it).
+- ``t``: the training timestep the network was evaluated at in this step (DDPM, DDIM).
+- ``sigma``: the noise level sigma_t / alpha_t of ``x`` after this step (Euler, Euler ancestral, Heun and
+  DPM-Solver++(2M), which work in noise levels).
 """
 
 from diffusion.samplers.budget import steps_for_nfe

@@ -1,0 +1,175 @@
+"""Several processes, one run: PyTorch DDP under ``torchrun`` or ``srun``, and the few collectives the engine needs.
+
+Every function here is also correct in a single process, where it does nothing or returns its input, so the
+engine calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT_MINUTES = 30.0
+_group: dist.ProcessGroup | None = None  # the training's group when its timeout differs from the default group's
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands: its rank among ``size`` processes, and its rank on its own machine."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone logs, samples, evaluates and writes files."""
+        return self.rank == 0
+
+
+def export_slurm_environment() -> None:
+    """Under ``srun`` with several tasks (and not under ``torchrun``), set the variables ``env://`` reads.
+
+    RANK, WORLD_SIZE and LOCAL_RANK come from SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID; MASTER_ADDR is
+    the job's first node and MASTER_PORT a port drawn from the job id (submitit's convention).
+    """
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2 or "SLURM_PROCID" not in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def launched_world() -> World:
+    """The world ``torchrun`` or ``srun`` started this process in (one process when neither did)."""
+    export_slurm_environment()
+    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                 int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_process_group(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> World:
+    """Join the process group of a multi-process launch; a single process joins none.
+
+    The group runs gloo for CPU tensors and, where CUDA is present, NCCL for GPU tensors, so one group serves
+    CPU and GPU training alike; each process uses the GPU of its local rank. A process waits at most
+    ``timeout_minutes`` for the others; called again with another timeout, it makes a group with that one
+    for the collectives below and DDP.
+    """
+    global _group
+    world = launched_world()
+    if world.size == 1:
+        return World()
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    timeout = timedelta(minutes=timeout_minutes)
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+        dist.init_process_group(backend=backend, timeout=timeout)
+        log.debug("rank %d of %d joined the process group (%s)", world.rank, world.size, backend)
+    elif timeout_minutes != DEFAULT_TIMEOUT_MINUTES and _group is None:
+        _group = dist.new_group(backend=backend, timeout=timeout)
+    return current_world()
+
+
+def close_process_group() -> None:
+    """Leave the process group, if this process joined one."""
+    global _group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _group = None
+
+
+def current_world() -> World:
+    """This process's rank and the number of processes of the group it joined."""
+    if not dist.is_initialized():
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def broadcast(value: T) -> T:
+    """Rank 0's ``value`` on every rank (any picklable object)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_group)
+    return box[0]
+
+
+def gather(value: T) -> list[T]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value, group=_group)
+    return values
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of ``tensor`` (a new tensor; the input is left alone)."""
+    if not dist.is_initialized():
+        return tensor.clone()
+    total = tensor.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=_group)
+    return total
+
+
+def largest(value: int, device: torch.device) -> int:
+    """The largest of the ranks' integers (e.g. a stop request seen by any of them)."""
+    if not dist.is_initialized():
+        return value
+    box = torch.tensor([value], device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_group)
+    return int(box.item())
+
+
+def computed_by_rank_zero(function: Callable[..., T]) -> Callable[..., T]:
+    """Wrap ``function`` so rank 0 computes the result and every rank returns it (its error, too).
+
+    Used for what must agree across processes before training starts, such as the run directory's time stamp.
+    """
+
+    def shared(*args: Any) -> T:
+        if not dist.is_initialized():
+            return function(*args)
+        result, error = None, None
+        if dist.get_rank() == 0:
+            try:
+                result = function(*args)
+            except Exception as exc:  # every rank raises it, instead of the others waiting forever
+                error = exc
+        result, error = broadcast((result, error))
+        if error is not None:
+            raise error
+        return result
+
+    return shared
+
+
+class DistributedModel(DistributedDataParallel):
+    """DDP over a network that still answers the network's own attributes (``num_classes``, ``null_label``...)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DDP when this process is one of several (gradients averaged over ranks), else itself."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model
+    return DistributedModel(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=_group)
