@@ -53,15 +53,17 @@ def export_slurm_environment() -> None:
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def launched_world() -> World:
-    """The world ``torchrun`` or ``srun`` started this process in (one process when neither did)."""
+def launched_world() -> World | None:
+    """The world ``torchrun`` or ``srun`` started this process in; ``None`` when neither did."""
     export_slurm_environment()
-    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                 int(os.environ.get("LOCAL_RANK", 0)))
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def init_process_group(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> World:
-    """Join the process group of a multi-process launch; a single process joins none.
+    """Join the process group of a ``torchrun``/``srun`` launch (one process too: DDP then runs on one GPU or
+    CPU); a process started alone joins none.
 
     The group runs gloo for CPU tensors and, where CUDA is present, NCCL for GPU tensors, so one group serves
     CPU and GPU training alike; each process uses the GPU of its local rank. A process waits at most
@@ -70,7 +72,7 @@ def init_process_group(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> Worl
     """
     global _group
     world = launched_world()
-    if world.size == 1:
+    if world is None:
         return World()
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     timeout = timedelta(minutes=timeout_minutes)
@@ -126,11 +128,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def largest(value: int, device: torch.device) -> int:
-    """The largest of the ranks' integers (e.g. a stop request seen by any of them)."""
+def largest(value: int) -> int:
+    """The largest of the ranks' integers (e.g. a stop request seen by any of them).
+
+    It travels as a CPU tensor (gloo), so asking every step does not wait for the GPU's queued work.
+    """
     if not dist.is_initialized():
         return value
-    box = torch.tensor([value], device=device)
+    box = torch.tensor([value])
     dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_group)
     return int(box.item())
 
@@ -169,7 +174,7 @@ class DistributedModel(DistributedDataParallel):
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` in DDP when this process is one of several (gradients averaged over ranks), else itself."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    """``model`` in DDP when this process belongs to a group (gradients averaged over ranks), else itself."""
+    if not dist.is_initialized():
         return model
     return DistributedModel(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=_group)

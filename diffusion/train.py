@@ -38,10 +38,11 @@ def train(cfg: DictConfig) -> dict:
     """Train one model as ``cfg`` describes; returns the final metrics and callback summaries."""
     world = distributed.init_process_group(cfg.trainer.timeout_minutes)
     quiet_other_ranks(world)
-    log.info("run directory: %s; %d process%s, %d images per step (trainer.batch_size %d is split over the "
-             "processes, x %d accumulation steps)", shown(cfg.paths.output_dir), world.size,
-             "es" if world.size > 1 else "", cfg.trainer.batch_size * cfg.trainer.accumulation_steps,
-             cfg.trainer.batch_size, cfg.trainer.accumulation_steps)
+    batch = f"trainer.batch_size {cfg.trainer.batch_size}" + (f" split over {world.size} processes" if world.size > 1
+                                                              else "")
+    log.info("run directory: %s; %d process%s, %d images per step (%s, x %d accumulation steps)",
+             shown(cfg.paths.output_dir), world.size, "es" if world.size > 1 else "",
+             cfg.trainer.batch_size * cfg.trainer.accumulation_steps, batch, cfg.trainer.accumulation_steps)
     torch.manual_seed(cfg.seed)
     dataset = instantiate(cfg.dataset)
     resolve_num_classes(cfg, dataset)

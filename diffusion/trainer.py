@@ -56,6 +56,7 @@ class Trainer:
         device: ``auto``, ``cpu``, ``cuda`` (the local rank's GPU), ``cuda:1``...
         ema_decay, ema_warmup, ema_update_every, ema_start_step: the EMA of the weights (see ``EMA``).
         timeout_minutes: how long a process waits for the others (e.g. while rank 0 evaluates) before failing.
+        compile: ``torch.compile`` the network for training (its first steps compile it; later ones run faster).
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class Trainer:
         ema_update_every: int = 1,
         ema_start_step: int = 0,
         timeout_minutes: float = 30.0,
+        compile: bool = False,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"trainer.precision={precision!r} is not known; choose one of {list(PRECISIONS)}")
@@ -80,7 +82,7 @@ class Trainer:
             raise ValueError("trainer.max_steps, trainer.batch_size and trainer.accumulation_steps must be positive")
         self.max_steps, self.batch_size, self.accumulation_steps = max_steps, batch_size, accumulation_steps
         self.precision, self.grad_clip, self.num_workers, self.seed = precision, grad_clip, num_workers, seed
-        self.device_name = device
+        self.device_name, self.compile = device, compile
         self.ema_options = dict(decay=ema_decay, warmup=ema_warmup, update_every=ema_update_every,
                                 start_step=ema_start_step)
         self.world = distributed.init_process_group(timeout_minutes)
@@ -118,13 +120,11 @@ class Trainer:
         if resume_from is not None:
             self.restore(load_checkpoint(resume_from, map_location=self.device))
             log.info("resumed from %s at step %d (epoch %d)", shown(resume_from), self.step, self.epoch)
-        log.info(
-            "training %s (%.2fM parameters) on %s for %d steps: %d images per step = %d process%s x %d x %d "
-            "accumulation, %s", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6,
-            self.device, self.max_steps, self.batch_size * self.accumulation_steps, self.world.size,
-            "es" if self.world.size > 1 else "", self.batch_size // self.world.size, self.accumulation_steps,
-            self.precision,
-        )
+        log.info("training %s (%.2fM parameters) on %s for %d steps of %d images (%d process%s x %d x %d "
+                 "accumulation), %s", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6,
+                 self.device, self.max_steps, self.batch_size * self.accumulation_steps, self.world.size,
+                 "es" if self.world.size > 1 else "", self.batch_size // self.world.size, self.accumulation_steps,
+                 self.precision)
         with StopRequest() as stop:
             try:
                 self.call("on_fit_start")
@@ -151,6 +151,8 @@ class Trainer:
         self.lr_scheduler = lr_scheduler(optimizer=self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.ema = EMA(model, **self.ema_options)
+        if self.compile:
+            model.compile()  # in place, after the EMA's copy: DDP and the optimizer keep the same parameters
         # one generator, in step on every process: each draws for the whole batch and keeps its rows
         self.generator = torch.Generator(self.device).manual_seed(self.seed)
         share = self.batch_size // self.world.size
@@ -162,7 +164,7 @@ class Trainer:
     def train_loop(self, batches: Iterator, stop: StopRequest) -> None:
         """Optimizer steps until done or asked to stop (DDPM Algorithm 1 with the engineering around it)."""
         while self.step < self.max_steps:
-            self.stopped_by_signal = distributed.largest(stop.signum or 0, self.device) or None
+            self.stopped_by_signal = distributed.largest(stop.signum or 0) or None
             if self.stopped_by_signal is not None:
                 return
             start = time.perf_counter()

@@ -57,8 +57,12 @@ def test_the_report_holds_every_figure_with_sane_values(report):
     assert ratios["train_over_eager"] > 0 and ratios["sample_over_eager"] > 0
     assert "compile" not in row["variants"]
     assert result["machine"]["threads"] == torch.get_num_threads() and len(result["machine"]["load_average_after"]) == 3
+    scaling = train["processes"]  # two DDP processes, each training on 2 of the 4 images of every batch
+    assert (scaling["world_size"], scaling["images_per_process"], len(scaling["step_seconds"])) == (2, 2, 2)
+    assert scaling["over_one_process"] == pytest.approx(scaling["images_per_sec"] / train["engine_images_per_sec"])
     lines = table(result["results"]).splitlines()
     assert len(lines) == 3 and lines[2].split()[:4] == ["unet_tiny", "8x8x1", "4/3", "fp32"]
+    assert lines[0].endswith("2 proc/1") and lines[2].split()[-1] == f"{scaling['over_one_process']:.3f}"
 
 
 def test_the_profile_lists_the_top_ops_by_self_time(report):
@@ -163,3 +167,17 @@ def test_the_command_writes_bench_json_in_a_dated_run_directory(tmp_path):
     row = json.loads(path.read_text())["results"][0]
     assert row["variants"] == {} and math.isfinite(row["train"]["utilisation"])
     assert "unet_tiny" in result.stdout and "engine img/s" in result.stdout
+
+
+def test_the_gpu_check_trains_each_case_under_torchrun_and_reports_its_speed(tmp_path):
+    """On the CPU, with a tiny model: the plumbing of the GPU check (on a GPU it runs experiment=cars64)."""
+    from diffusion.bench.gpu_check import run_check
+
+    tiny = ["dataset.image_size=16", "model=unet_tiny", "trainer.batch_size=8", "callbacks.metrics.every=2",
+            "trainer.device=cpu"]
+    (row,) = run_check(cases=[("fp32", False)], overrides=tiny, steps=6, workdir=tmp_path)
+    assert row["case"] == "fp32" and "error" not in row, row.get("error")
+    assert len(row["windows"]) == 3 and row["images_per_sec"] == pytest.approx(sorted(row["windows"][1:])[0] / 2
+                                                                                + sorted(row["windows"][1:])[1] / 2)
+    assert row["utilisation"] == pytest.approx(row["flops_per_image"] * row["images_per_sec"] / row["peak_flops_per_sec"])
+    assert row["flops_per_image"] > 0 and 0 < row["utilisation"] < 1.5

@@ -52,8 +52,8 @@ def logged(run: Path) -> list[tuple]:
 
 def test_two_processes_train_the_same_model_as_one_process_with_the_same_global_batch(tmp_path):
     output = finish(torchrun(*OVERRIDES, "trainer.max_steps=6", runs_dir=tmp_path / "two"))
-    assert "2 processes, 16 images per step (trainer.batch_size 8 is split over the processes" in output
-    assert "16 images per step = 2 processes x 4 x 2 accumulation" in output
+    assert "2 processes, 16 images per step (trainer.batch_size 8 split over 2 processes, x 2 accumulation" in output
+    assert "for 6 steps of 16 images (2 processes x 4 x 2 accumulation)" in output
     two = the_run(tmp_path / "two")
     assert sorted(p.name for p in (tmp_path / "two" / "train").iterdir()) == [two.name]  # one run directory
     assert (two / "train.log").read_text().count("step 6/6") == 1  # rank 0 alone writes the log

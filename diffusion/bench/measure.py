@@ -63,15 +63,16 @@ def seconds_per_step(
     for run in workloads.values():
         run(warmup)
     synchronize(device)
-    steps = {name: max(1, math.ceil(min_repeat_seconds / _timed(run, 1, device))) for name, run in workloads.items()}
+    steps = {name: max(1, math.ceil(min_repeat_seconds / timed(run, 1, device))) for name, run in workloads.items()}
     times: dict[str, list[float]] = {name: [] for name in workloads}
     for _ in range(repeats):
         for name, run in workloads.items():
-            times[name].append(_timed(run, steps[name], device) / steps[name])
+            times[name].append(timed(run, steps[name], device) / steps[name])
     return times
 
 
-def _timed(run: Callable[[int], None], steps: int, device: torch.device) -> float:
+def timed(run: Callable[[int], None], steps: int, device: torch.device) -> float:
+    """Wall-clock seconds of ``run(steps)``, queued device work included."""
     synchronize(device)
     start = time.perf_counter()
     run(steps)
@@ -103,7 +104,7 @@ def peak_matmul_flops(
         b = torch.randn(n, n, device=device).to(dtype)
         out = torch.mm(a, b)  # warm-up: threads, kernels, caches
         for _ in range(repeats):
-            seconds = _timed(lambda steps: torch.mm(a, b, out=out), 1, device)
+            seconds = timed(lambda steps: torch.mm(a, b, out=out), 1, device)
             best = max(best, 2.0 * n**3 / seconds)
     return best
 

@@ -34,6 +34,7 @@ class BenchOptions:
     profile_steps: int
     profile_rows: int
     seed: int
+    processes: int = 1
 
 
 def model_setup(name: str, per_model: DictConfig) -> ModelSetup:
@@ -86,6 +87,8 @@ def read_options(cfg: DictConfig) -> BenchOptions:
         raise ValueError(f"loader.image_folder={folder!r} is not a folder: point it at a folder of images, or null")
     if cfg.profile and cfg.profile_steps < 1:
         raise ValueError(f"profile_steps={cfg.profile_steps} must be >= 1 when profile=true")
+    if cfg.processes < 0:
+        raise ValueError(f"processes={cfg.processes} must be >= 0 (0 or 1: no multi-process measurement)")
     variants = ["eager"] + [name for name in ("channels_last", "compile") if cfg[name]]
     return BenchOptions(
         setups=setups,
@@ -104,4 +107,5 @@ def read_options(cfg: DictConfig) -> BenchOptions:
         profile_steps=int(cfg.profile_steps),
         profile_rows=int(cfg.profile_rows),
         seed=int(cfg.seed),
+        processes=int(cfg.processes),
     )

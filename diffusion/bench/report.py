@@ -30,6 +30,8 @@ def table(results: list[dict]) -> str:
     """A plain-text table, one row per (model, precision); variants appear as ratios against eager."""
     variants = sorted({name for row in results for name in row["variants"]})
     header = [name for name, _ in COLUMNS] + [f"{v} train/sample" for v in variants]
+    processes = {row["train"]["processes"]["processes"] for row in results if row["train"].get("processes")}
+    header += [f"{n} proc/1" for n in sorted(processes)]
     if any(row["loader"].get("image_folder_images_per_sec") is not None for row in results):
         header.append("folder img/s")
     rows = [header]
@@ -38,6 +40,10 @@ def table(results: list[dict]) -> str:
         for v in variants:
             ratios = row["variants"].get(v)
             cells.append(f"{ratios['train_over_eager']:.3f}/{ratios['sample_over_eager']:.3f}" if ratios else "-")
+        for n in sorted(processes):
+            scaling = row["train"].get("processes") or {}
+            cells.append(f"{scaling['over_one_process']:.3f}" if scaling.get("processes") == n and
+                         "over_one_process" in scaling else "-")
         if len(header) > len(cells):
             folder = row["loader"].get("image_folder_images_per_sec")
             cells.append("-" if folder is None else f"{folder:.0f}")

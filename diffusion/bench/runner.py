@@ -11,6 +11,7 @@ import torch
 from diffusion.bench.measure import PeakMemory, count_flops, median, seconds_per_step
 from diffusion.bench.options import BenchOptions
 from diffusion.bench.report import top_ops
+from diffusion.bench.scaling import multi_process_training
 from diffusion.bench.workloads import (
     BareWorkload, EngineWorkload, LoaderWorkload, ModelSetup, Parts, SamplingWorkload, build_model, synthetic_batch,
     variant_model,
@@ -19,13 +20,13 @@ from diffusion.data import DigitsDataset, ImageFolderDataset
 
 
 def new_engine(setup: ModelSetup, parts: Parts, precision: str, variant: str, opts: BenchOptions,
-               run_dir: Path) -> EngineWorkload:
-    """A freshly initialised model of ``setup`` trained by the engine, after its first step."""
+               run_dir: Path, processes: int = 1) -> EngineWorkload:
+    """A freshly initialised model of ``setup`` trained by the engine, after its first step; with several
+    processes, each on its share of the batch (and on the GPU of its rank)."""
     torch.manual_seed(opts.seed)
     model = variant_model(setup, variant)
-    trainer = parts.trainer(
-        batch_size=setup.batch_size, accumulation_steps=1, precision=precision, device=str(opts.device),
-    )
+    device = opts.device.type if processes > 1 else str(opts.device)
+    trainer = parts.trainer(batch_size=setup.batch_size, accumulation_steps=1, precision=precision, device=device)
     batch = synthetic_batch(setup.batch_size, setup.channels, setup.image_size, opts.seed, variant == "channels_last")
     return EngineWorkload(trainer, model, parts, batch, run_dir / variant)
 
@@ -63,6 +64,7 @@ def bench_model(setup: ModelSetup, precision: str, parts: Parts, opts: BenchOpti
             torch.cuda.empty_cache()
 
     train_rate = {name: setup.batch_size / median(times) for name, times in train_times.items()}
+    processes = processes_row(setup, precision, parts, opts, train_rate["eager"])
     sample_rate = {name: setup.sample_batch_size / median(times) for name, times in sample_times.items()}
     return {
         "model": setup.name, "precision": precision, "device": str(device), "threads": opts.threads,
@@ -81,6 +83,7 @@ def bench_model(setup: ModelSetup, precision: str, parts: Parts, opts: BenchOpti
             "bare_utilisation": train_flops * train_rate["bare"] / peak_flops,
             "peak_memory_mb": train_memory.peak_bytes / 2**20,
             "memory_measure": f"{train_memory.method}: model built, engine set up and one training step",
+            "processes": processes,
         },
         "sample": {
             "images_per_sec_per_eval": sample_rate["eager"],
@@ -102,6 +105,19 @@ def bench_model(setup: ModelSetup, precision: str, parts: Parts, opts: BenchOpti
             for variant in opts.variants[1:]
         },
     }
+
+
+def processes_row(setup: ModelSetup, precision: str, parts: Parts, opts: BenchOptions, one_process_rate: float
+                  ) -> dict | None:
+    """The engine on ``opts.processes`` DDP processes against one process, same global batch; None when skipped."""
+    if opts.processes < 2:
+        return None
+    if opts.device.type == "cuda" and torch.cuda.device_count() < opts.processes:
+        return {"processes": opts.processes, "skipped": f"needs {opts.processes} GPUs, found {torch.cuda.device_count()}"}
+    if setup.batch_size % opts.processes:
+        return {"processes": opts.processes, "skipped": f"batch {setup.batch_size} does not split over {opts.processes}"}
+    result = multi_process_training(setup, precision, parts, opts, opts.processes)
+    return {**result, "over_one_process": result["images_per_sec"] / one_process_rate}
 
 
 def loader_rates(setup: ModelSetup, opts: BenchOptions) -> dict:

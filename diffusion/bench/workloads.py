@@ -106,7 +106,7 @@ class EngineWorkload:
             model=model, schedule=parts.schedule, objective=parts.objective,
             dataset=TensorImageDataset(*batch), optimizer=parts.optimizer, lr_scheduler=parts.lr_scheduler, run_dir=run_dir,
         )
-        self.batches = itertools.repeat(tuple(t.to(trainer.device) for t in batch))
+        self.batches = itertools.repeat(tuple(t[trainer.rows].to(trainer.device) for t in batch))  # this rank's share
 
     def __call__(self, steps: int) -> None:
         self.trainer.max_steps = self.trainer.step + steps
