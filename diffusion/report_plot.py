@@ -83,6 +83,7 @@ def plot_search(trials: list[dict[str, Any]], path: Path, space: dict[str, dict[
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(space), figsize=(4.2 * len(space), 3.6), squeeze=False)
     for ax, (name, searched) in zip(axes[0], space.items()):
@@ -96,20 +97,21 @@ def plot_search(trials: list[dict[str, Any]], path: Path, space: dict[str, dict[
                         xytext=(4, 3), fontsize=7, color="0.35")
         if tried and tried[0] is trials[0]:
             ax.scatter([position(trials[0][name])], [trials[0]["value"]], marker="*", s=220, color="tab:orange",
-                       zorder=3, label=f"best: job {trials[0]['job']}")
-            ax.legend(fontsize=8, frameon=False)
+                       zorder=3)
         if not numeric:
             ax.set_xticks(range(len(choices)), choices)
             ax.set_xlim(-0.5, len(choices) - 0.5)
         else:
             if searched["log"]:
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
             if searched["interval"]:
                 ax.set_xlim(*searched["interval"])
         ax.set_xlabel(name)
         ax.set_ylabel(objective)
         ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle("every trial of the study, by job number", fontsize=10)
+    best = f": the best is job {trials[0]['job']} (star)" if trials else ""
+    fig.suptitle(f"every trial of the study, by job number{best}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
