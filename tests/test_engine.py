@@ -93,3 +93,26 @@ def test_keep_checkpoints_prunes_old_step_files(tmp_path):
     train(compose_config("train", overrides, tmp_path))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "step_6.pt", "step_8.pt"]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 8
+
+
+def test_processes_writing_one_cache_file_at_once_do_not_collide(tmp_path):
+    """Parallel sweep jobs save the same reference statistics: each write must land whole, none may fail."""
+    import threading
+
+    state, errors = {"model": {"w": torch.randn(256, 1024)}}, []
+
+    def save_many():
+        try:
+            for _ in range(20):
+                save_checkpoint(state, tmp_path / "stats.pt")
+        except Exception as error:  # noqa: BLE001 - the test reports any failure
+            errors.append(error)
+
+    threads = [threading.Thread(target=save_many) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert torch.equal(load_checkpoint(tmp_path / "stats.pt")["model"]["w"], state["model"]["w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.pt"]  # no temporary file left behind
