@@ -72,7 +72,7 @@ def test_a_single_run_has_no_wandb_group_unless_given_one(tmp_path):
 
 
 def test_a_submitit_sweep_keeps_its_own_files_in_the_sweep_folder(tmp_path):
-    cli("train", "-m", "hydra/launcher=submitit_local", "schedule=linear,cosine", *smoke_overrides(),
+    cli("train", "-m", "hydra/launcher=submitit_local", "schedule=linear,cosine", *smoke_overrides(logger="wandb"),
         f"paths.runs_dir={tmp_path}", cwd=tmp_path, env=ONE_THREAD)
     assert [p.name for p in tmp_path.iterdir()] == ["train"]  # nothing in the working directory but the runs
     sweep = the_sweep(tmp_path)
@@ -82,6 +82,9 @@ def test_a_submitit_sweep_keeps_its_own_files_in_the_sweep_folder(tmp_path):
     assert [row["value"] for row in report] == [last_loss(sweep / "0"), last_loss(sweep / "1")]
     logs = sorted(p.name for p in (sweep / ".submitit").glob("*/*_log.out"))
     assert len(logs) == 2 and all("step 4/4" in (sweep / str(job) / "train.log").read_text() for job in (0, 1))
+    runs = [wandb_run_record(sweep / str(job)) for job in (0, 1)]  # one W&B group, as with any launcher
+    assert [(run["run_group"], run["display_name"]) for run in runs] == [
+        (f"train/{sweep.name}", "schedule=linear"), (f"train/{sweep.name}", "schedule=cosine")]
 
 
 def test_a_failed_job_is_listed_with_its_error_in_the_report(tmp_path):
