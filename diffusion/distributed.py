@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_MINUTES = 30.0
-_group: dist.ProcessGroup | None = None  # the training's group when its timeout differs from the default group's
+_group: dist.ProcessGroup | None = None  # the group the collectives below use (None: the default group)
+_group_timeout: float | None = None  # the timeout of that group, in minutes
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def init_process_group(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> Worl
     ``timeout_minutes`` for the others; called again with another timeout, it makes a group with that one
     for the collectives below and DDP.
     """
-    global _group
+    global _group, _group_timeout
     world = launched_world()
     if world is None:
         return World()
@@ -81,17 +82,18 @@ def init_process_group(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> Worl
             torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
         dist.init_process_group(backend=backend, timeout=timeout)
         log.debug("rank %d of %d joined the process group (%s)", world.rank, world.size, backend)
-    elif timeout_minutes != DEFAULT_TIMEOUT_MINUTES and _group is None:
+    elif timeout_minutes != _group_timeout:
         _group = dist.new_group(backend=backend, timeout=timeout)
+    _group_timeout = timeout_minutes
     return current_world()
 
 
 def close_process_group() -> None:
     """Leave the process group, if this process joined one."""
-    global _group
+    global _group, _group_timeout
     if dist.is_initialized():
         dist.destroy_process_group()
-    _group = None
+    _group, _group_timeout = None, None
 
 
 def current_world() -> World:

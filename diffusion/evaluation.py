@@ -6,7 +6,6 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -23,6 +22,7 @@ from diffusion.metrics import (
 )
 from diffusion.labels import cycled_labels
 from diffusion.objectives import Objective
+from diffusion.protocols import ImageDataset
 from diffusion.sampling import generate
 from diffusion.schedules import NoiseSchedule
 
@@ -37,21 +37,7 @@ def dataset_images(dataset, batch_size: int = 500):
         yield torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
 
 
-class ReferenceDataset(Protocol):
-    """What the reference statistics need of a data set: its images, their size, and what they are."""
-
-    image_size: int
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
-
-    def fingerprint(self) -> str:
-        """A short hex digest describing exactly which images the data set serves."""
-        ...
-
-
-def reference_statistics(extractor: FeatureExtractor, dataset: ReferenceDataset, dataset_config: dict,
+def reference_statistics(extractor: FeatureExtractor, dataset: ImageDataset, dataset_config: dict,
                          cache_dir: str | Path, device: torch.device, batch_size: int = 500) -> dict:
     """Features, probabilities and the Gaussian fit of the reference, computed once and cached under ``cache_dir``.
 
@@ -116,6 +102,11 @@ def available_metrics(extractor: FeatureExtractor, num_classes: int | None, clas
     return available
 
 
+def beats(metric: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` of ``metric`` is better than ``best`` (lower FD and KID, higher everything else)."""
+    return best is None or (value < best if metric in LOWER_IS_BETTER else value > best)
+
+
 class Evaluator:
     """In-training evaluation: sample a fixed set from the model with a fast sampler and measure it.
 
@@ -128,21 +119,14 @@ class Evaluator:
         num_images: images sampled each time, always from seeds 0..num_images-1 (class i % num_classes).
         batch_size: images per sampling batch.
         guidance_scale: classifier-free guidance for class-conditional models.
-        metric: the metric that decides which checkpoint is ``best.pt``.
     """
 
     def __init__(self, extractor: FeatureExtractor, dataset, dataset_config: dict, cache_dir: str, sampler: Callable,
-                 num_images: int = 500, batch_size: int = 250, guidance_scale: float = 1.0, metric: str = "fd") -> None:
-        if metric not in METRIC_KEYS:
-            raise ValueError(f"evaluation.metric={metric!r} is not known; choose one of {list(METRIC_KEYS)}")
+                 num_images: int = 500, batch_size: int = 250, guidance_scale: float = 1.0) -> None:
         self.extractor, self.dataset, self.dataset_config = extractor, dataset, dataset_config
         self.cache_dir, self.sampler, self.num_images = cache_dir, sampler, num_images
-        self.batch_size, self.guidance_scale, self.metric = batch_size, guidance_scale, metric
+        self.batch_size, self.guidance_scale = batch_size, guidance_scale
         self.reference: dict | None = None
-
-    def better(self, value: float, best: float | None) -> bool:
-        """Whether ``value`` of the chosen metric beats ``best``."""
-        return best is None or (value < best if self.metric in LOWER_IS_BETTER else value > best)
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, schedule: NoiseSchedule, objective: Objective) -> dict:

@@ -51,6 +51,9 @@ class ImageDataset(Protocol):
     @property
     def num_classes(self) -> int: ...
 
+    def fingerprint(self) -> str:
+        """A short hex digest of exactly which images the data set serves (keys cached reference statistics)."""
+
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...

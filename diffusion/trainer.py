@@ -82,7 +82,7 @@ class Trainer:
             raise ValueError("trainer.max_steps, trainer.batch_size and trainer.accumulation_steps must be positive")
         self.max_steps, self.batch_size, self.accumulation_steps = max_steps, batch_size, accumulation_steps
         self.precision, self.grad_clip, self.num_workers, self.seed = precision, grad_clip, num_workers, seed
-        self.device_name, self.compile = device, compile
+        self.compile = compile
         self.ema_options = dict(decay=ema_decay, warmup=ema_warmup, update_every=ema_update_every,
                                 start_step=ema_start_step)
         self.world = distributed.init_process_group(timeout_minutes)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion import distributed
 from diffusion.callbacks.base import Callback
 from diffusion.checkpoint import save_checkpoint
-from diffusion.evaluation import LOWER_IS_BETTER, METRIC_KEYS, Evaluator, available_metrics
+from diffusion.evaluation import METRIC_KEYS, Evaluator, available_metrics, beats
 from diffusion.rundir import shown
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class EvaluateAndKeepBest(Callback):
         self.evaluator = Evaluator(extractor=extractor, dataset=trainer.dataset, dataset_config=dataset_config,
                                    cache_dir=self.cache_dir, sampler=instantiate(self.sampler),
                                    num_images=self.num_images, batch_size=self.batch_size,
-                                   guidance_scale=self.guidance_scale, metric=self.metric)
+                                   guidance_scale=self.guidance_scale)
 
     def on_step_end(self, trainer) -> None:
         if not trainer.due(self.every):
@@ -82,8 +82,7 @@ class EvaluateAndKeepBest(Callback):
         measured = distributed.broadcast(measured)
         trainer.log_metrics(measured)
         value = measured[f"eval/{self.metric}"]
-        if self.best is None or (value < self.best["value"] if self.metric in LOWER_IS_BETTER
-                                 else value > self.best["value"]):
+        if beats(self.metric, value, self.best["value"] if self.best else None):
             self.best = {"metric": self.metric, "value": value, "step": trainer.step}
             state = trainer.state_dict()
             if trainer.is_main:
