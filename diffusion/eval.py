@@ -1,4 +1,5 @@
-"""``diffusion-eval``: FD, KID, precision/recall, Inception Score and conditional accuracy against a data set."""
+"""``diffusion-eval``: FD, KID, precision/recall, Inception Score, conditional accuracy and broken images against a
+data set."""
 
 from __future__ import annotations
 
@@ -14,9 +15,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.config import CONFIG_DIR, register_resolvers
-from diffusion.evaluation import compute_metrics, dataset_images, reference_statistics, requested_classes
+from diffusion.evaluation import (
+    BROKEN_GRID_SIZE,
+    compute_metrics,
+    dataset_images,
+    find_broken,
+    reference_statistics,
+    requested_classes,
+)
 from diffusion.features import extract, in_batches
-from diffusion.images import save_images
+from diffusion.images import save_grid, save_images
 from diffusion.labels import cycled_labels
 from diffusion.pretrained import load_trained
 from diffusion.rundir import shown
@@ -130,7 +138,8 @@ def evaluate(cfg: DictConfig) -> dict:
     features, probabilities = extract(extractor, in_batches(images, cfg.feature_batch_size), device)
     seconds["features"] = time.perf_counter() - start - sum(seconds.values())
     requested = requested_classes(labels, class_names, extractor)
-    metrics = compute_metrics(reference, features, probabilities, requested, **cfg.metrics)
+    broken = find_broken(reference, images)
+    metrics = compute_metrics(reference, features, probabilities, requested, broken, **cfg.metrics)
     seconds["metrics"] = time.perf_counter() - start - sum(seconds.values())
     seconds["total"] = time.perf_counter() - start
     result = {
@@ -150,6 +159,10 @@ def evaluate(cfg: DictConfig) -> dict:
              ", ".join(f"{key}={value}" for key, value in source.items()),
              len(reference_data), "cached" if reference["cached"] else "computed now", extractor.name,
              format_table(metrics))
+    if len(broken):
+        grid = save_grid(images[broken[:BROKEN_GRID_SIZE]], out / "broken.png")
+        log.warning("%d of %d images are broken (high-frequency energy beyond the reference images'); the %d worst "
+                    "are in %s", len(broken), len(images), min(len(broken), BROKEN_GRID_SIZE), shown(grid))
     log.info("wrote %s (%.1fs)", shown(out / "eval.json"), seconds["total"])
     return result
 

@@ -13,9 +13,11 @@ from torch import nn
 from diffusion.checkpoint import save_checkpoint
 from diffusion.features import FeatureExtractor, extract, in_batches
 from diffusion.metrics import (
+    broken_images,
     conditional_accuracy,
     frechet_distance,
     gaussian_statistics,
+    high_frequency_energy,
     inception_score,
     kernel_inception_distance,
     precision_recall,
@@ -27,8 +29,10 @@ from diffusion.sampling import generate
 from diffusion.schedules import NoiseSchedule
 
 METRIC_KEYS = ("fd", "kid", "kid_std", "precision", "recall", "inception_score", "inception_score_std",
-               "conditional_accuracy")
-LOWER_IS_BETTER = ("fd", "kid")
+               "conditional_accuracy", "broken_images")
+LOWER_IS_BETTER = ("fd", "kid", "broken_images")
+# the most broken images a grid of them shows, the worst first
+BROKEN_GRID_SIZE = 64
 
 
 def dataset_images(dataset, batch_size: int = 500):
@@ -39,10 +43,12 @@ def dataset_images(dataset, batch_size: int = 500):
 
 def reference_statistics(extractor: FeatureExtractor, dataset: ImageDataset, dataset_config: dict,
                          cache_dir: str | Path, device: torch.device, batch_size: int = 500) -> dict:
-    """Features, probabilities and the Gaussian fit of the reference, computed once and cached under ``cache_dir``.
+    """Features, probabilities and the Gaussian fit of the reference, and its images' high-frequency energies (the
+    broken-image threshold), computed once and cached under ``cache_dir``.
 
     The cache is keyed by the extractor, the data set's config and its ``fingerprint()``, so a data set whose
-    images changed (an image folder with a file replaced) is measured again.
+    images changed (an image folder with a file replaced) is measured again; so is a cache written before the
+    energies were kept.
     """
     dataset_cfg = {key: value for key, value in dataset_config.items() if key != "random_flip"}
     key = json.dumps({"extractor": extractor.name, "dataset": dataset_cfg, "fingerprint": dataset.fingerprint()},
@@ -54,11 +60,19 @@ def reference_statistics(extractor: FeatureExtractor, dataset: ImageDataset, dat
     path = Path(cache_dir) / "reference" / extractor.name / f"{name}.pt"
     if path.is_file():
         stats = torch.load(path, map_location="cpu", weights_only=True)
-        if stats.get("key") == key:
+        if stats.get("key") == key and "high_frequency_energy" in stats:
             return {**stats, "path": path, "cached": True}
-    features, probabilities = extract(extractor, dataset_images(dataset, batch_size), device)
+    energies = []
+
+    def measured(batches):  # the images' energies, taken on their way to the extractor: one pass over the data
+        for images in batches:
+            energies.append(high_frequency_energy(images))
+            yield images
+
+    features, probabilities = extract(extractor, measured(dataset_images(dataset, batch_size)), device)
     mu, sigma = gaussian_statistics(features)
-    stats = {"key": key, "features": features, "mu": mu, "sigma": sigma, "probabilities": probabilities}
+    stats = {"key": key, "features": features, "mu": mu, "sigma": sigma, "probabilities": probabilities,
+             "high_frequency_energy": torch.cat(energies)}
     save_checkpoint(stats, path)
     return {**stats, "path": path, "cached": False}
 
@@ -72,11 +86,17 @@ def requested_classes(labels, class_names: list[str] | None, extractor: FeatureE
     return torch.tensor([extractor.classes.index(class_names[int(label)]) for label in labels])
 
 
-def compute_metrics(reference: dict, features: torch.Tensor, probabilities, labels, kid_subsets: int = 100,
-                    kid_subset_size: int = 1000, nearest_neighbours: int = 3, inception_score_splits: int = 10,
-                    seed: int = 0) -> dict:
-    """Every metric the extractor and the source allow; the others are None."""
+def find_broken(reference: dict, images: torch.Tensor) -> torch.Tensor:
+    """Indices of the ``images`` above the reference's high-frequency energies (``broken_images``), highest first."""
+    return broken_images(high_frequency_energy(images), reference["high_frequency_energy"])
+
+
+def compute_metrics(reference: dict, features: torch.Tensor, probabilities, labels, broken: torch.Tensor,
+                    kid_subsets: int = 100, kid_subset_size: int = 1000, nearest_neighbours: int = 3,
+                    inception_score_splits: int = 10, seed: int = 0) -> dict:
+    """Every metric the extractor and the source allow (the others are None); ``broken``: ``find_broken``'s indices."""
     metrics = dict.fromkeys(METRIC_KEYS)
+    metrics["broken_images"] = len(broken)
     metrics["fd"] = frechet_distance(reference["mu"], reference["sigma"], *gaussian_statistics(features))
     metrics["kid"], metrics["kid_std"] = kernel_inception_distance(
         reference["features"], features, kid_subsets, kid_subset_size, seed)
@@ -93,17 +113,18 @@ def compute_metrics(reference: dict, features: torch.Tensor, probabilities, labe
 def available_metrics(extractor: FeatureExtractor, num_classes: int | None, class_names: list[str] | None) -> list[str]:
     """The metrics ``compute_metrics`` gives for a model with ``num_classes`` (None: unconditional) measured by
     ``extractor``: the Inception Score needs a classifier, conditional accuracy a conditional model and an
-    extractor that classifies the data set's classes."""
+    extractor that classifies the data set's classes; the broken-image count is always there."""
     available = ["fd", "kid", "kid_std", "precision", "recall"]
     if extractor.num_classes is not None:
         available += ["inception_score", "inception_score_std"]
         if num_classes and class_names and extractor.classes and set(class_names) <= set(extractor.classes):
             available.append("conditional_accuracy")
-    return available
+    return [*available, "broken_images"]
 
 
 def beats(metric: str, value: float, best: float | None) -> bool:
-    """Whether ``value`` of ``metric`` is better than ``best`` (lower FD and KID, higher everything else)."""
+    """Whether ``value`` of ``metric`` is better than ``best`` (lower FD, KID and broken-image count, higher
+    everything else)."""
     return best is None or (value < best if metric in LOWER_IS_BETTER else value > best)
 
 
@@ -129,8 +150,8 @@ class Evaluator:
         self.reference: dict | None = None
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, schedule: NoiseSchedule, objective: Objective) -> dict:
-        """The metrics of ``num_images`` fresh samples of ``model``."""
+    def __call__(self, model: nn.Module, schedule: NoiseSchedule, objective: Objective) -> tuple[dict, torch.Tensor]:
+        """The metrics of ``num_images`` fresh samples of ``model``, and its broken samples (highest energy first)."""
         device = next(model.parameters()).device
         if self.reference is None:
             self.reference = reference_statistics(self.extractor, self.dataset, self.dataset_config, self.cache_dir,
@@ -142,4 +163,5 @@ class Evaluator:
         features, probabilities = extract(self.extractor, in_batches(images, self.batch_size), device)
         requested = requested_classes(torch.tensor(labels) if labels else None, self.dataset.classes,
                                       self.extractor)
-        return compute_metrics(self.reference, features, probabilities, requested)
+        broken = find_broken(self.reference, images)
+        return compute_metrics(self.reference, features, probabilities, requested, broken), images[broken]

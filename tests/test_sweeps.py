@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from diffusion.config import CONFIG_DIR
+from diffusion.report import pivot_table
 from tests.conftest import cli, compose_config, smoke_overrides
 
 # each job of a parallel sweep on one thread: two jobs on two cores, not four threads fighting for them
@@ -170,3 +171,16 @@ def test_the_slurm_preset_runs_one_ddp_process_per_gpu_and_keeps_submitit_files_
     assert sweep_dir.parent == tmp_path / "train" / "multirun"
     _, params = launcher("hydra.launcher.gpus_per_node=4", "hydra.launcher.partition=gpu")
     assert (params["gpus_per_node"], params["tasks_per_node"], params["partition"]) == (4, 4, "gpu")
+
+
+def test_a_third_varied_override_gets_its_own_rows_in_the_per_metric_tables():
+    rows = [{"overrides": f"sampler={sampler} nfe={nfe} sampler.spacing={spacing}", "fd": fd}
+            for (sampler, spacing, nfe), fd in zip(
+                [(s, sp, n) for s in ("ode", "sde") for sp in ("log_snr", "karras") for n in (20, 100)],
+                [2.1, 2.14, 2.04, 2.16, 1.33, 1.73, 1.81, 1.9])]
+    table = pivot_table(rows, "fd", lines="sampler", columns="nfe").splitlines()
+    assert table[0] == "| fd | nfe=20 | nfe=100 |"
+    assert table[2:] == ["| ode sampler.spacing=log_snr | 2.1 | 2.14 |", "| ode sampler.spacing=karras | 2.04 | 2.16 |",
+                         "| sde sampler.spacing=log_snr | 1.33 | 1.73 |", "| sde sampler.spacing=karras | 1.81 | 1.9 |"]
+    two = [{"overrides": f"sampler={s} nfe={n}", "fd": 1.0} for s in ("ode", "sde") for n in (20, 100)]
+    assert [line.split(" |")[0] for line in pivot_table(two, "fd", "sampler", "nfe").splitlines()[2:]] == ["| ode", "| sde"]

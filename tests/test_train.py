@@ -211,6 +211,10 @@ def test_in_training_evaluation_logs_metrics_and_keeps_the_best_checkpoint(tmp_p
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6]  # one line per step: training and evaluation metrics together
     assert all(r["loss"] > 0 and r["eval/fd"] > 0 and 0 <= r["eval/conditional_accuracy"] <= 1 for r in records)
+    # a model 6 steps old draws noise: every sample is broken, and a grid of them is kept per evaluation
+    assert [r["eval/broken_images"] for r in records] == [20, 20, 20]
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").glob("broken_*")) == [
+        "broken_step_2.png", "broken_step_4.png", "broken_step_6.png"]
     best = min(records, key=lambda r: r["eval/fd"])
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     expected = {"metric": "fd", "value": best["eval/fd"], "step": best["step"]}

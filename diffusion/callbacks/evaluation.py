@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion import distributed
 from diffusion.callbacks.base import Callback
 from diffusion.checkpoint import save_checkpoint
-from diffusion.evaluation import METRIC_KEYS, Evaluator, available_metrics, beats
+from diffusion.evaluation import BROKEN_GRID_SIZE, METRIC_KEYS, Evaluator, available_metrics, beats
+from diffusion.images import save_grid
 from diffusion.rundir import shown
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 class EvaluateAndKeepBest(Callback):
     """Every ``every`` steps, rank 0 samples ``num_images`` images from the EMA weights with a fast sampler,
     measures them against the training data, logs ``eval/<metric>`` for every metric, and writes
-    ``checkpoints/best.pt`` when ``metric`` is the best so far.
+    ``checkpoints/best.pt`` when ``metric`` is the best so far. Broken samples (``eval/broken_images``), if any, go
+    to ``samples/broken_step_<N>.png``, the worst first.
 
     The feature extractor and the sampler are given as configs and built when the run starts, and only when
     ``every`` is set, so a run that never evaluates never builds them.
@@ -74,11 +76,12 @@ class EvaluateAndKeepBest(Callback):
             return
         measured = None
         if trainer.is_main:
-            measured = {f"eval/{key}": value for key, value in
-                        self.evaluator(trainer.ema.model, trainer.schedule, trainer.objective).items()
-                        if value is not None}
+            metrics, broken = self.evaluator(trainer.ema.model, trainer.schedule, trainer.objective)
+            measured = {f"eval/{key}": value for key, value in metrics.items() if value is not None}
             log.info("evaluation at step %d: %s", trainer.step,
                      "  ".join(f"{key[5:]} {value:.4g}" for key, value in measured.items()))
+            if len(broken):
+                self.write_broken(trainer, broken)
         measured = distributed.broadcast(measured)
         trainer.log_metrics(measured)
         value = measured[f"eval/{self.metric}"]
@@ -88,6 +91,13 @@ class EvaluateAndKeepBest(Callback):
             if trainer.is_main:
                 path = save_checkpoint(state, trainer.run_dir / "checkpoints" / "best.pt")
                 log.info("best %s so far (%.4g): %s", self.metric, value, shown(path))
+
+    @staticmethod
+    def write_broken(trainer, broken) -> None:
+        """Write the worst broken samples of this step as a grid and send it to the tracker."""
+        path = save_grid(broken[:BROKEN_GRID_SIZE], trainer.run_dir / "samples" / f"broken_step_{trainer.step}.png")
+        trainer.logger.log_image("eval/broken", path, trainer.step)
+        log.info("%d broken samples at step %d, the worst: %s", len(broken), trainer.step, shown(path))
 
     def summary(self) -> dict[str, Any]:
         if self.best is None:

@@ -1,5 +1,6 @@
-"""Sample-quality metrics: pure functions on feature tensors (and class probabilities)."""
+"""Sample-quality metrics: pure functions on feature tensors (and class probabilities), and on images."""
 
+from diffusion.metrics.broken import broken_images, high_frequency_energy
 from diffusion.metrics.classification import conditional_accuracy
 from diffusion.metrics.frechet import frechet_distance, frechet_distance_from_features, gaussian_statistics
 from diffusion.metrics.inception_score import inception_score
@@ -7,6 +8,8 @@ from diffusion.metrics.kid import kernel_inception_distance, polynomial_kernel
 from diffusion.metrics.precision_recall import knn_radii, manifold_coverage, precision_recall
 
 __all__ = [
+    "broken_images",
+    "high_frequency_energy",
     "conditional_accuracy",
     "frechet_distance",
     "frechet_distance_from_features",

@@ -12,19 +12,20 @@ must pass the first three; a callback must work without the others (a progress b
 - ``x0``: the step's prediction of the clean image.
 - ``num_steps``: how many steps the sampler takes, the same at every step (every built-in sampler passes it).
 - ``t``: the training timestep the network was evaluated at in this step (DDPM, DDIM).
-- ``sigma``: the noise level sigma_t / alpha_t of ``x`` after this step (Euler, Euler ancestral, Heun and
-  DPM-Solver++(2M), which work in noise levels).
+- ``sigma``: the noise level sigma_t / alpha_t of ``x`` after this step (the samplers that work in noise
+  levels: Euler, Euler ancestral, Heun, DPM-Solver++(2M), its SDE variants and EDM's stochastic sampler).
 """
 
 from diffusion.samplers.budget import steps_for_nfe
 from diffusion.samplers.ddim import sample_ddim
 from diffusion.samplers.ddpm import sample_ddpm
-from diffusion.samplers.grids import karras_sigmas, sampling_sigmas, sampling_timesteps
+from diffusion.samplers.grids import karras_sigmas, log_snr_sigmas, sampling_sigmas, sampling_timesteps
 from diffusion.samplers.noise import Denoiser, image_generators, randn_per_image
 from diffusion.samplers.sigma_space import sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun
+from diffusion.samplers.stochastic import sample_dpmpp_2m_sde, sample_dpmpp_3m_sde, sample_edm
 
 __all__ = [
-    "Denoiser", "image_generators", "randn_per_image", "karras_sigmas", "sampling_sigmas", "sampling_timesteps",
-    "sample_ddpm", "sample_ddim", "sample_euler", "sample_heun", "sample_euler_ancestral", "sample_dpmpp_2m",
-    "steps_for_nfe",
+    "Denoiser", "image_generators", "randn_per_image", "karras_sigmas", "log_snr_sigmas", "sampling_sigmas",
+    "sampling_timesteps", "sample_ddpm", "sample_ddim", "sample_euler", "sample_heun", "sample_euler_ancestral",
+    "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_edm", "steps_for_nfe",
 ]

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-# samplers that evaluate the network twice per step, except on their last step (to sigma = 0)
-TWO_EVALUATIONS_PER_STEP = ("heun",)
+from hydra.utils import get_method
+
+
+def evaluations_per_step(sampler: str) -> int:
+    """How often ``sampler`` (a name such as ``heun`` or a ``_target_``) evaluates the network per step, as the
+    sampler itself says in its ``evaluations_per_step`` attribute (1 when it has none); a sampler with 2 takes
+    one evaluation on its last step, to sigma = 0."""
+    function = get_method(sampler if "." in sampler else f"diffusion.samplers.sample_{sampler}")
+    return int(getattr(function, "evaluations_per_step", 1))
 
 
 def steps_for_nfe(nfe: int, sampler: str) -> int:
-    """The most steps ``sampler`` (a name or ``_target_``) can take within ``nfe`` evaluations (Heun: 2 steps - 1)."""
+    """The most steps ``sampler`` can take within ``nfe`` network evaluations per image (Heun: 2 steps - 1)."""
     nfe = int(nfe)
     if nfe < 1:
         raise ValueError(f"nfe must be a positive number of network evaluations per image, got {nfe}")
-    if sampler.rsplit(".", 1)[-1].removeprefix("sample_") in TWO_EVALUATIONS_PER_STEP:
-        return max(1, (nfe + 1) // 2)
-    return nfe
+    per_step = evaluations_per_step(sampler)
+    return max(1, (nfe + per_step - 1) // per_step)

@@ -28,14 +28,14 @@ def sigma_denoiser(denoiser: Denoiser, schedule: NoiseSchedule, clip_denoised: b
     return denoise
 
 
-def start(denoiser: Denoiser, noise: torch.Tensor, schedule: NoiseSchedule, steps: int, spacing: str, karras: bool,
-          clip_denoised: bool) -> tuple[list[float], Callable, torch.Tensor]:
-    """The descending noise levels, D(x; sigma), and the starting point: unit noise scaled to sigma_max."""
-    sigmas = sampling_sigmas(schedule, steps, spacing, karras).tolist()
+def start(denoiser: Denoiser, noise: torch.Tensor, schedule: NoiseSchedule, steps: int, spacing: str,
+          sigma_max: float | None, clip_denoised: bool) -> tuple[list[float], Callable, torch.Tensor]:
+    """The descending noise levels, D(x; sigma), and the starting point: unit noise scaled to the first level."""
+    sigmas = sampling_sigmas(schedule, steps, spacing, sigma_max).tolist()
     return sigmas, sigma_denoiser(denoiser, schedule, clip_denoised), noise * math.sqrt(1.0 + sigmas[0] ** 2)
 
 
-def _report(callback, i: int, num_steps: int, sigma_next: float, x: torch.Tensor, x0: torch.Tensor) -> None:
+def report(callback, i: int, num_steps: int, sigma_next: float, x: torch.Tensor, x0: torch.Tensor) -> None:
     if callback is not None:
         callback({"i": i, "sigma": sigma_next, "num_steps": num_steps, "x": x / math.sqrt(1.0 + sigma_next**2), "x0": x0})
 
@@ -49,15 +49,15 @@ def sample_euler(
     callback: Callable[[dict], None] | None = None,
     steps: int = 50,
     spacing: str = "trailing",
-    karras: bool = False,
+    sigma_max: float | None = 80.0,
     clip_denoised: bool = True,
 ) -> torch.Tensor:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (EDM Eq. 3); NFE = steps."""
-    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, karras, clip_denoised)
+    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = denoise(x, sigma)
         x = x + (x - x0) / sigma * (sigma_next - sigma)
-        _report(callback, i, steps, sigma_next, x, x0)
+        report(callback, i, steps, sigma_next, x, x0)
     return x
 
 
@@ -69,12 +69,12 @@ def sample_heun(
     generators: Sequence[torch.Generator],
     callback: Callable[[dict], None] | None = None,
     steps: int = 25,
-    spacing: str = "trailing",
-    karras: bool = True,
+    spacing: str = "log_snr",
+    sigma_max: float | None = 80.0,
     clip_denoised: bool = True,
 ) -> torch.Tensor:
     """Heun's second-order method (EDM Algorithm 1, deterministic); NFE = 2 steps - 1."""
-    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, karras, clip_denoised)
+    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = denoise(x, sigma)
         slope = (x - x0) / sigma
@@ -84,8 +84,11 @@ def sample_heun(
         else:
             slope_next = (x_euler - denoise(x_euler, sigma_next)) / sigma_next
             x = x + 0.5 * (slope + slope_next) * (sigma_next - sigma)
-        _report(callback, i, steps, sigma_next, x, x0)
+        report(callback, i, steps, sigma_next, x, x0)
     return x
+
+
+sample_heun.evaluations_per_step = 2  # and one on the last step, to sigma = 0
 
 
 @torch.no_grad()
@@ -98,11 +101,11 @@ def sample_euler_ancestral(
     steps: int = 50,
     eta: float = 1.0,
     spacing: str = "trailing",
-    karras: bool = False,
+    sigma_max: float | None = 80.0,
     clip_denoised: bool = True,
 ) -> torch.Tensor:
     """Euler down to sigma_down, then fresh noise up to sigma_next (k-diffusion's ancestral step); NFE = steps."""
-    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, karras, clip_denoised)
+    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = denoise(x, sigma)
         sigma_up = min(sigma_next, eta * math.sqrt(max(0.0, sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)))
@@ -110,7 +113,7 @@ def sample_euler_ancestral(
         x = x + (x - x0) / sigma * (sigma_down - sigma)
         if sigma_next > 0:
             x = x + sigma_up * randn_per_image(x, generators)
-        _report(callback, i, steps, sigma_next, x, x0)
+        report(callback, i, steps, sigma_next, x, x0)
     return x
 
 
@@ -122,12 +125,12 @@ def sample_dpmpp_2m(
     generators: Sequence[torch.Generator],
     callback: Callable[[dict], None] | None = None,
     steps: int = 20,
-    spacing: str = "trailing",
-    karras: bool = True,
+    spacing: str = "log_snr",
+    sigma_max: float | None = 80.0,
     clip_denoised: bool = True,
 ) -> torch.Tensor:
     """DPM-Solver++(2M), the second-order multistep solver of Lu et al. 2022, Algorithm 2; NFE = steps."""
-    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, karras, clip_denoised)
+    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised)
     previous_x0, previous_h = None, None
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = denoise(x, sigma)
@@ -142,5 +145,5 @@ def sample_dpmpp_2m(
             x = (sigma_next / sigma) * x - math.expm1(-h) * x0_estimate
             previous_h = h
         previous_x0 = x0
-        _report(callback, i, steps, sigma_next, x, x0)
+        report(callback, i, steps, sigma_next, x, x0)
     return x
