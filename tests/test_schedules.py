@@ -100,3 +100,16 @@ def test_zero_terminal_snr_refuses_what_cannot_work():
         sampling_sigmas(schedule, 10, "log_snr", sigma_max=None)
     # a noise-level grid capped below infinity works: it starts at sigma 80, not at the last timestep
     assert sampling_sigmas(schedule, 10, "log_snr", sigma_max=80.0)[0].item() == pytest.approx(80.0)
+
+
+def test_the_default_sampler_reaches_the_data_on_a_zero_terminal_snr_schedule():
+    from diffusion.samplers import image_generators, randn_per_image, sample_dpmpp_2m_sde
+    from tests.test_samplers import gaussian_data, gaussian_denoiser
+
+    schedule = LinearSchedule(1000, rescale_zero_terminal_snr=True)
+    mu, std = gaussian_data()
+    generators = image_generators(range(64))
+    x = randn_per_image(torch.empty(64, *mu.shape), generators)
+    z = (sample_dpmpp_2m_sde(gaussian_denoiser(mu, std, schedule), x, schedule, generators, clip_denoised=False)
+         - mu) / std
+    assert abs(z.mean().item()) < 0.01 and abs(z.var().item() - 1.0) < 0.06
