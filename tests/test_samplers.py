@@ -42,6 +42,13 @@ def gaussian_data(size: int = 64):
     return torch.rand(1, size, size, generator=g) - 0.5, 0.1 + 0.7 * torch.rand(1, size, size, generator=g)
 
 
+def gaussian_start(size: int = 8, num_images: int = 4):
+    """Gaussian data of ``size`` x ``size`` pixels, one generator per image, and the images' starting noise."""
+    mu, std = gaussian_data(size)
+    generators = image_generators(range(num_images))
+    return mu, std, generators, randn_per_image(torch.empty(num_images, *mu.shape), generators)
+
+
 def ddpm_chain_moments(mu, std, schedule, variance):
     """Exact mean and variance of DDPM's output for Gaussian data: every step of the chain is linear-Gaussian."""
     sigma2 = {"beta_tilde": schedule.posterior_variance, "beta": schedule.betas}[variance].double()
@@ -199,8 +206,7 @@ def test_stochastic_samplers_converge_to_the_data_distribution_as_steps_grow(sam
     mu, std = gaussian_data()
     errors = []
     for steps in (20, 50, 200):
-        generators = image_generators(range(64))
-        x = randn_per_image(torch.empty(64, *mu.shape), generators)
+        _, _, generators, x = gaussian_start(64, 64)
         out = sampler(gaussian_denoiser(mu, std, schedule), x, schedule, generators, steps=steps, clip_denoised=False,
                       **options)
         z = (out - mu) / std
@@ -212,9 +218,7 @@ def test_stochastic_samplers_converge_to_the_data_distribution_as_steps_grow(sam
 
 def test_edm_without_churn_is_heun():
     schedule = CosineSchedule(1000)
-    mu, std = gaussian_data(8)
-    generators = image_generators(range(4))
-    x = randn_per_image(torch.empty(4, *mu.shape), generators)
+    mu, std, generators, x = gaussian_start()
     denoiser = gaussian_denoiser(mu, std, schedule)
     heun = sample_heun(denoiser, x, schedule, generators, steps=7, clip_denoised=False)
     edm = sample_edm(denoiser, x, schedule, image_generators(range(4)), steps=7, s_churn=0.0, clip_denoised=False)
@@ -225,9 +229,7 @@ def test_edm_without_churn_is_heun():
 
 def test_dpmpp_2m_sde_without_noise_is_dpmpp_2m():
     schedule = LinearSchedule(1000)
-    mu, std = gaussian_data(8)
-    generators = image_generators(range(4))
-    x = randn_per_image(torch.empty(4, *mu.shape), generators)
+    mu, std, generators, x = gaussian_start()
     denoiser = gaussian_denoiser(mu, std, schedule)
     ode = sample_dpmpp_2m(denoiser, x, schedule, generators, steps=12, clip_denoised=False)
     sde = sample_dpmpp_2m_sde(denoiser, x, schedule, generators, steps=12, eta=0.0, clip_denoised=False)
@@ -387,9 +389,7 @@ def test_the_20_evaluation_defaults_hold_on_every_schedule(config, schedule):
     and misses the data's variance by 13-18% with DPM-Solver++(2M) on cosine and sigmoid."""
     sampler = instantiate(OmegaConf.load(Path(CONFIG_DIR, "sampler", f"{config}.yaml")),
                           steps=steps_for_nfe(20, config), clip_denoised=False)
-    mu, std = gaussian_data()
-    generators = image_generators(range(64))
-    x = randn_per_image(torch.empty(64, *mu.shape), generators)
+    mu, std, generators, x = gaussian_start(64, 64)
     z = (sampler(gaussian_denoiser(mu, std, schedule), x, schedule, generators) - mu) / std
     assert abs(z.mean().item()) < 0.01
     assert abs(z.var().item() - 1.0) < 0.1
