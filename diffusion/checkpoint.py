@@ -51,14 +51,24 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint with ``weights_only=True``, so loading it can't execute code."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    seed_format: dict | None = None) -> dict:
+    """Read a checkpoint with ``weights_only=True``, so loading it can't execute code.
+
+    A file in the seed repository's format is rebuilt with ``seed_format`` (``recipe``, ``noise_steps``: see
+    ``diffusion.seed_format``); tensors saved on a GPU load wherever ``map_location`` says.
+    """
+    from diffusion.seed_format import from_seed_checkpoint, is_seed_checkpoint
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist: pass the path of a .pt file")
     state = torch.load(path, map_location=map_location, weights_only=True)
+    if is_seed_checkpoint(state):
+        return from_seed_checkpoint(state, **(seed_format or {}))
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{str(path)!r} is not a checkpoint of this platform (no 'model' entry)")
+        raise ValueError(f"{str(path)!r} is neither a checkpoint of this platform (no 'model' entry) nor one of the "
+                         "seed repository (no 'epoch' and 'state_dict')")
     if state.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(
             f"{str(path)!r} has format version {state['format_version']}, newer than this code's "

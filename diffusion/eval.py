@@ -53,7 +53,7 @@ def reference_dataset(cfg: DictConfig, split: str | None):
 
 def sample_checkpoint(cfg: DictConfig, device: torch.device, image_size: int, channels: int):
     """``num_images`` images sampled from the checkpoint (seed ``seed + i``, class ``i % num_classes``)."""
-    trained = load_trained(cfg.checkpoint, cfg.use_ema, device)
+    trained = load_trained(cfg.checkpoint, cfg.use_ema, device, OmegaConf.to_container(cfg.seed_format))
     model, schedule, objective, state, use_ema = (trained.model, trained.schedule, trained.objective,
                                                   trained.state, trained.use_ema)
     if (model.image_size, model.in_channels) != (image_size, channels):
@@ -66,7 +66,7 @@ def sample_checkpoint(cfg: DictConfig, device: torch.device, image_size: int, ch
     labels = cycled_labels(cfg.num_images, num_classes)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
     log.info("sampling %d images from %s (step %d, %s weights%s) on %s", cfg.num_images, shown(cfg.checkpoint),
-             state.get("step", -1), "EMA" if use_ema else "raw",
+             state.get("step", -1), trained.weights,
              f", class i % {num_classes}, guidance scale {cfg.guidance_scale}" if num_classes else "", device)
     num_batches = -(-cfg.num_images // cfg.batch_size)
     with sampling_progress(num_batches) as progress:

@@ -25,10 +25,19 @@ class TrainedModel:
     use_ema: bool
     class_names: list[str] | None
 
+    @property
+    def weights(self) -> str:
+        """Which weights were loaded, for the log: EMA, raw, or those of a seed file (which does not say which)."""
+        if self.state.get("converted_from") == "seed":
+            return "the seed file's"
+        return "EMA" if self.use_ema else "raw"
 
-def load_trained(path: str | Path, use_ema: bool = True, device: torch.device | str = "cpu") -> TrainedModel:
-    """Rebuild model, schedule and objective from the config stored in a checkpoint, with its EMA (or raw) weights."""
-    state = load_checkpoint(path, map_location="cpu")
+
+def load_trained(path: str | Path, use_ema: bool = True, device: torch.device | str = "cpu",
+                 seed_format: dict | None = None) -> TrainedModel:
+    """Rebuild model, schedule and objective from the config stored in a checkpoint, with its EMA (or raw) weights;
+    a file of the seed repository from its recipe (``seed_format``: ``recipe``, ``noise_steps``)."""
+    state = load_checkpoint(path, map_location="cpu", seed_format=seed_format)
     parts = instantiate_from_checkpoint_config(state.get("config", ""), ("model", "schedule", "objective"))
     model, schedule, objective = parts["model"], parts["schedule"], parts["objective"]
     objective.check_schedule(schedule)

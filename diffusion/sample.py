@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffusion.config import CONFIG_DIR
 from diffusion.images import save_grid, save_images
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def sample(cfg: DictConfig) -> Path:
     """Sample ``cfg.num_images`` images (image i from seed ``cfg.seed + i``); returns the grid's path."""
     device = resolve_device(cfg.device)
-    trained = load_trained(cfg.checkpoint, cfg.use_ema, device)
+    trained = load_trained(cfg.checkpoint, cfg.use_ema, device, OmegaConf.to_container(cfg.seed_format))
     model, schedule, objective, state, class_names = (trained.model, trained.schedule, trained.objective,
                                                       trained.state, trained.class_names)
     sampler = instantiate(cfg.sampler)
@@ -36,7 +36,7 @@ def sample(cfg: DictConfig) -> Path:
     seeds = list(range(cfg.seed, cfg.seed + num_images))
     image_shape = (model.in_channels, model.image_size, model.image_size)
     log.info("sampling %d images from %s (step %d, %s weights) on %s%s", num_images, shown(cfg.checkpoint),
-             state.get("step", -1), "EMA" if trained.use_ema else "raw", device,
+             state.get("step", -1), trained.weights, device,
              f", guidance scale {cfg.guidance_scale}" if labels is not None else "")
     num_batches = -(-num_images // cfg.batch_size)
     recorder = TrajectoryRecorder(cfg.gif_every) if cfg.gif else None

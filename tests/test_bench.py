@@ -137,7 +137,7 @@ def test_peak_memory_sees_a_large_allocation():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["models=[unet_huge]"], r"no conf/model/unet_huge.yaml; choose from \['unet_base'"),
+        (["models=[unet_huge]"], r"no conf/model/unet_huge.yaml; choose from \['seed_unet', 'unet_base'"),
         (["models=[]"], r"models=\[unet_tiny\]"),
         (["models=[unet_small]", "~per_model.unet_small"], r"add '\+per_model.unet_small="),
         (["per_model.unet_tiny.batch_size=0"], "per_model.unet_tiny.batch_size must be a positive integer"),

@@ -1,5 +1,6 @@
 """Denoising networks."""
 
+from diffusion.models.seed_unet import SeedUNet
 from diffusion.models.unet import UNet
 
-__all__ = ["UNet"]
+__all__ = ["SeedUNet", "UNet"]

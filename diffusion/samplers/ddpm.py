@@ -39,6 +39,7 @@ def sample_ddpm(
     spacing: str = "trailing",
     variance: str = "beta_tilde",
     clip_denoised: bool = True,
+    final_timestep: int = 0,
 ) -> torch.Tensor:
     """Ancestral sampling from T-1 down to 0 (DDPM Algorithm 2), drawing x_prev from the posterior of Eq. 7.
 
@@ -49,18 +50,25 @@ def sample_ddpm(
         variance: ``beta_tilde`` (the posterior variance, Eq. 7) or ``beta`` (sigma_t^2 = beta_t);
             Ho et al. report both give similar results.
         clip_denoised: clamp the predicted x_0 to [-1, 1] before forming the posterior mean.
+        final_timestep: the last timestep evaluated; its step lands on timestep ``final_timestep - 1`` without
+            noise. 0 is the paper's sampler; 1 is the seed repository's, which never evaluates t = 0 and returns
+            x at the first noise level.
     """
     if variance not in VARIANCES:
         raise ValueError(f"sampler.variance={variance!r} is not known; choose one of {sorted(VARIANCES)}")
+    if not 0 <= final_timestep < schedule.num_timesteps:
+        raise ValueError(f"sampler.final_timestep must lie in [0, {schedule.num_timesteps - 1}], got {final_timestep}")
     timesteps = sampling_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps, spacing).tolist()
+    timesteps = [step for step in timesteps if step >= final_timestep]
     abar = schedule.alphas_cumprod
+    landing = abar.new_ones(()) if final_timestep == 0 else abar[final_timestep - 1]
     for i, step in enumerate(timesteps):
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
         x0, _ = denoiser(x, t)
         if clip_denoised:
             x0 = x0.clamp(-1.0, 1.0)
         last = i + 1 == len(timesteps)
-        abar_prev = abar.new_ones(()) if last else abar[timesteps[i + 1]]
+        abar_prev = landing if last else abar[timesteps[i + 1]]
         coef_x0, coef_xt, var = strided_posterior(abar[step], abar_prev, variance)
         x = coef_x0 * x0 + coef_xt * x
         if not last:
