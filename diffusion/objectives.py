@@ -51,10 +51,11 @@ class Objective:
         min_snr_gamma: the gamma of min-SNR weighting.
         p_uncond: probability of replacing a class label by the "no class" label, so that one conditional
             model also learns the unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022).
+        min_timestep: the smallest timestep training draws (0; the seed repository drew t from 1 to T-1).
     """
 
     def __init__(self, loss: str = "l2", huber_delta: float = 1.0, weighting: str = "uniform",
-                 min_snr_gamma: float = 5.0, p_uncond: float = 0.0) -> None:
+                 min_snr_gamma: float = 5.0, p_uncond: float = 0.0, min_timestep: int = 0) -> None:
         if loss not in LOSSES:
             raise ValueError(f"objective.loss={loss!r} is not known; choose one of {sorted(LOSSES)}")
         if weighting not in WEIGHTINGS:
@@ -66,6 +67,7 @@ class Objective:
         self.weighting = weighting
         self.min_snr_gamma = min_snr_gamma
         self.p_uncond = p_uncond
+        self.min_timestep = min_timestep
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """What the network should output for x_t = alpha x0 + sigma noise."""
@@ -91,7 +93,10 @@ class Objective:
         Drawn in this order from ``generator``; a multi-process run draws them for the whole batch on every
         process and keeps its own rows, so a run's randomness does not depend on its number of processes.
         """
-        t = torch.randint(0, schedule.num_timesteps, shape[:1], device=device, generator=generator)
+        if not 0 <= self.min_timestep < schedule.num_timesteps:
+            raise ValueError(f"objective.min_timestep={self.min_timestep} must lie in [0, {schedule.num_timesteps - 1}] "
+                             "(the schedule's timesteps)")
+        t = torch.randint(self.min_timestep, schedule.num_timesteps, shape[:1], device=device, generator=generator)
         noise = torch.randn(shape, device=device, generator=generator)
         drop_label = None
         if conditional and self.p_uncond > 0:
