@@ -71,6 +71,7 @@ def train(cfg: DictConfig) -> dict:
             logger=logger,
             resume_from=resume_from,
             config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+            init_from=cfg.get("init_from"),
         )
         exit_code = 0
     finally:

@@ -112,14 +112,21 @@ class Trainer:
         logger: Logger | None = None,
         resume_from: str | Path | None = None,
         config_yaml: str = "",
+        init_from: str | Path | None = None,
     ) -> dict:
-        """Train until ``max_steps`` or a stop signal; return the latest metrics, the step and the stop reason."""
+        """Train until ``max_steps`` or a stop signal; return the latest metrics, the step and the stop reason.
+
+        ``resume_from`` continues a run exactly; otherwise ``init_from`` starts this one from another's weights.
+        """
         self.setup(model, schedule, objective, dataset, optimizer, lr_scheduler, run_dir, callbacks, logger, config_yaml)
         loader = build_loader(dataset, self.batch_size, self.num_workers, self.seed, self.device.type == "cuda",
                               self.world.rank, self.world.size)
         if resume_from is not None:
             self.restore(load_checkpoint(resume_from, map_location=self.device))
             log.info("resumed from %s at step %d (epoch %d)", shown(resume_from), self.step, self.epoch)
+        elif init_from is not None:
+            self.initialize_from(load_checkpoint(init_from, map_location=self.device))
+            log.info("starting from the weights of %s", shown(init_from))
         log.info("training %s (%.2fM parameters) on %s for %d steps of %d images (%d process%s x %d x %d "
                  "accumulation), %s", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6,
                  self.device, self.max_steps, self.batch_size * self.accumulation_steps, self.world.size,
@@ -252,6 +259,22 @@ class Trainer:
             "class_names": list(self.dataset.classes or []),
             "code_version": code_version(),
         }
+
+    def initialize_from(self, state: dict) -> None:
+        """A fine-tune: the model takes a checkpoint's weights, the EMA its EMA weights (or the same), and the
+        optimizer its moments where every parameter's shape matches (the seed's Adam state included)."""
+        load_weights(self.model, state["model"], what="weights to start from (init_from)")
+        self.ema.model.load_state_dict(state["ema"]["state_dict"] if "ema" in state else self.model.state_dict())
+        saved = (state.get("optimizer") or state.get("seed_optimizer") or {}).get("state")
+        if not saved:  # no optimizer in the file, or one that never stepped
+            return
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if len(saved) != len(params) or any(value.shape != params[int(index)].shape for index, entry in saved.items()
+                                            for key, value in entry.items() if key in ("exp_avg", "exp_avg_sq")):
+            log.warning("init_from: the optimizer state does not fit this model's parameters; starting it afresh")
+            return
+        own = self.optimizer.state_dict()
+        self.optimizer.load_state_dict({**own, "state": saved})  # the moments; this run's hyper-parameters
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint's state: weights, EMA, optimizer, schedules, RNG, data position, callbacks."""

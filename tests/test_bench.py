@@ -180,4 +180,5 @@ def test_the_gpu_check_trains_each_case_under_torchrun_and_reports_its_speed(tmp
     assert len(row["windows"]) == 3 and row["images_per_sec"] == pytest.approx(sorted(row["windows"][1:])[0] / 2
                                                                                 + sorted(row["windows"][1:])[1] / 2)
     assert row["utilisation"] == pytest.approx(row["flops_per_image"] * row["images_per_sec"] / row["peak_flops_per_sec"])
-    assert row["flops_per_image"] > 0 and 0 < row["utilisation"] < 1.5
+    # no upper bound: the peak is measured on the same, possibly busy, CPU (a ratio, not a timed claim)
+    assert row["flops_per_image"] > 0 and row["utilisation"] > 0
