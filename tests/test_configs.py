@@ -15,8 +15,9 @@ from diffusion.train import build_callbacks
 from tests.conftest import compose_config, smoke_overrides
 
 # the groups of conf/train.yaml (``study`` belongs to conf/eval.yaml)
+# groups a user chooses (debug_model is chosen by debug and model together)
 GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir()
-                if p.is_dir() and p.name not in ("hydra", "paths", "study"))
+                if p.is_dir() and p.name not in ("hydra", "paths", "study", "debug_model"))
 
 
 def options(group: str) -> list[str]:
@@ -81,6 +82,16 @@ def test_the_sampler_study_gives_each_sampler_the_steps_of_its_budget(sampler, n
         sweep = compose(config_name="eval", overrides=["study=samplers"], return_hydra_config=True).hydra.sweeper.params
     # the study runs every sampler of the config group, so a new sampler is measured beside the others
     assert set(sweep.sampler.split(",")) == {path.stem for path in Path(CONFIG_DIR, "sampler").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_debug_smoke_shrinks_every_model_of_the_group(model, tmp_path):
+    """Each model has its smoke size (conf/debug_model/smoke_<model>.yaml), so debug=smoke works with any of them."""
+    cfg = compose_config("train", ["debug=smoke", f"model={model}", "trainer.device=cpu"], tmp_path)
+    network = instantiate(cfg.model)
+    assert cfg.model.base_channels == 8 and sum(p.numel() for p in network.parameters()) < 500_000
+    default = compose_config("train", [f"model={model}"], tmp_path)
+    assert default.model.base_channels > 8  # without debug the model keeps its size
 
 
 def test_a_typo_in_an_override_is_an_error():
