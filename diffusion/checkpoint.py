@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import diffusion
+from diffusion.seed_format import from_seed_checkpoint, is_seed_checkpoint
 
 # 2: callback state under "callbacks" (format 1 kept the loss window and the best evaluation at the top level)
 FORMAT_VERSION = 2
@@ -58,8 +59,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     A file in the seed repository's format is rebuilt with ``seed_format`` (``recipe``, ``noise_steps``: see
     ``diffusion.seed_format``); tensors saved on a GPU load wherever ``map_location`` says.
     """
-    from diffusion.seed_format import from_seed_checkpoint, is_seed_checkpoint
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist: pass the path of a .pt file")

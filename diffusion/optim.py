@@ -63,3 +63,17 @@ def restore_lr_scheduler(scheduler: LRScheduler, saved: dict, steps: int) -> dic
         for _ in range(steps):
             scheduler.step()
     return changed
+
+
+def load_optimizer_moments(optimizer: torch.optim.Optimizer, saved: dict | None) -> bool:
+    """Take another run's per-parameter state (Adam's moments and step) into ``optimizer``, keeping its own
+    hyper-parameters; False, and nothing taken, when the saved state does not fit the parameters' shapes."""
+    moments = (saved or {}).get("state")
+    if not moments:  # no optimizer saved, or one that never stepped: nothing to take
+        return True
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(moments) != len(params) or any(value.shape != params[int(index)].shape for index, entry in moments.items()
+                                          for key, value in entry.items() if key in ("exp_avg", "exp_avg_sq")):
+        return False
+    optimizer.load_state_dict({**optimizer.state_dict(), "state": moments})
+    return True

@@ -18,7 +18,7 @@ from diffusion.data import build_loader, random_hflip
 from diffusion.ema import EMA
 from diffusion.loggers import Logger, NullLogger
 from diffusion.objectives import Objective
-from diffusion.optim import restore_lr_scheduler
+from diffusion.optim import load_optimizer_moments, restore_lr_scheduler
 from diffusion.protocols import DiffusionModel, ImageDataset
 from diffusion.rundir import shown
 from diffusion.schedules import NoiseSchedule
@@ -265,16 +265,8 @@ class Trainer:
         optimizer its moments where every parameter's shape matches (the seed's Adam state included)."""
         load_weights(self.model, state["model"], what="weights to start from (init_from)")
         self.ema.model.load_state_dict(state["ema"]["state_dict"] if "ema" in state else self.model.state_dict())
-        saved = (state.get("optimizer") or state.get("seed_optimizer") or {}).get("state")
-        if not saved:  # no optimizer in the file, or one that never stepped
-            return
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if len(saved) != len(params) or any(value.shape != params[int(index)].shape for index, entry in saved.items()
-                                            for key, value in entry.items() if key in ("exp_avg", "exp_avg_sq")):
+        if not load_optimizer_moments(self.optimizer, state.get("optimizer") or state.get("seed_optimizer")):
             log.warning("init_from: the optimizer state does not fit this model's parameters; starting it afresh")
-            return
-        own = self.optimizer.state_dict()
-        self.optimizer.load_state_dict({**own, "state": saved})  # the moments; this run's hyper-parameters
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint's state: weights, EMA, optimizer, schedules, RNG, data position, callbacks."""
