@@ -14,8 +14,10 @@ from diffusion.bench.measure import PeakMemory, count_flops, peak_matmul_flops
 from diffusion.bench.options import read_options
 from diffusion.bench.report import table
 from diffusion.bench.runner import new_engine
-from diffusion.bench.workloads import ModelSetup, Parts, build_model
+from diffusion.bench.workloads import ModelSetup, Parts, build_model, seed_loop_sample
 from diffusion.objectives import EpsilonObjective
+from diffusion.samplers import image_generators, randn_per_image, sample_ddpm
+from diffusion.sampling import make_denoiser
 from diffusion.schedules import LinearSchedule
 from tests.conftest import cli, compose_config
 
@@ -148,6 +150,7 @@ def test_peak_memory_sees_a_large_allocation():
         (["threads=0"], "threads=0 must be positive"),
         (["loader.image_folder=/no/such/folder"], "point it at a folder of images"),
         (["peak.sizes=[]"], "peak.sizes must list"),
+        (["whole_sample.enabled=true", "whole_sample.steps=0"], "whole_sample.steps=0 must be a positive integer"),
     ],
 )
 def test_invalid_options_raise_errors_that_name_the_fix(overrides, message):
@@ -182,3 +185,54 @@ def test_the_gpu_check_trains_each_case_under_torchrun_and_reports_its_speed(tmp
     assert row["utilisation"] == pytest.approx(row["flops_per_image"] * row["images_per_sec"] / row["peak_flops_per_sec"])
     # no upper bound: the peak is measured on the same, possibly busy, CPU (a ratio, not a timed claim)
     assert row["flops_per_image"] > 0 and row["utilisation"] > 0
+
+
+class StubNetwork(torch.nn.Module):
+    """eps = 0.1 x + 0.01 t, counting its calls and the timesteps it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.timesteps = []
+
+    def forward(self, x, t, class_labels=None):
+        self.timesteps.append(t[0].item())
+        return 0.1 * x + 0.01 * t.float().view(-1, 1, 1, 1)
+
+
+def test_the_seed_loop_is_the_seed_sampler_written_as_the_seed_writes_it():
+    """The bench's baseline loop and sampler=seed_ddpm: two codes of one algorithm, the same images."""
+    schedule, seeds = LinearSchedule(30), [3, 4]
+    x = randn_per_image(torch.empty(2, 1, 4, 4), image_generators(seeds))
+    network = StubNetwork()
+    got = seed_loop_sample(network, schedule, x.clone(), image_generators(seeds))
+    assert network.timesteps == list(range(29, 0, -1))
+    expected = sample_ddpm(make_denoiser(StubNetwork(), EpsilonObjective(), schedule), x.clone(), schedule,
+                           image_generators(seeds), variance="beta", clip_denoised=False, final_timestep=1).clamp(-1, 1)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)  # float32 over 29 steps
+
+
+def test_seed_unet_is_timed_against_the_seeds_own_loop(tmp_path):
+    """The bare sampling network runs the seed's attention call; a whole sample is timed beside the seed's loop."""
+    seed_unet = ["models=[seed_unet]", "per_model.seed_unet.image_size=8", "per_model.seed_unet.batch_size=2",
+                 "per_model.seed_unet.sample_batch_size=2", "+per_model.seed_unet.model={base_channels:8,time_dim:32}",
+                 "schedule.num_timesteps=6", "whole_sample.enabled=true", "whole_sample.steps=2", "processes=0",
+                 "channels_last=true"]
+    result = bench(compose_config("bench", [*TINY[1:], *seed_unet], tmp_path))
+    (row,) = result["results"]
+    sample, whole = row["sample"], row["whole_sample"]
+    assert sample["bare_model_overrides"] == {"attention": "seed"}
+    assert sample["eager_over_bare"] == pytest.approx(
+        sample["images_per_sec_per_eval"] / sample["bare_images_per_sec_per_eval"])
+    assert row["variants"]["channels_last"]["sample_over_bare"] == pytest.approx(
+        row["variants"]["channels_last"]["sample_over_eager"] * sample["eager_over_bare"])
+    assert (whole["sampler"], whole["steps"], whole["images"], whole["seed_loop_evaluations"]) == ("dpmpp_2m", 2, 2, 5)
+    assert whole["over_seed_loop"] == pytest.approx(whole["seconds"] / whole["seed_loop_seconds"])
+    last = table(result["results"]).splitlines()[-1]
+    assert last.startswith("seed_unet fp32, 2 images: dpmpp_2m 2 steps") and "the seed's loop, 5 evaluations" in last
+
+
+def test_an_unknown_whole_sample_sampler_names_the_choices():
+    from diffusion.bench.whole_sample import sampler_from_config
+
+    with pytest.raises(ValueError, match=r"whole_sample.sampler='ddpm2' has no conf/sampler/ddpm2.yaml; choose from \[.*'ddim'"):
+        sampler_from_config("ddpm2", 20)

@@ -91,9 +91,13 @@ def seed_forward(sd: dict, x: torch.Tensor, t: torch.Tensor, time_dim: int, trai
 
 @pytest.mark.parametrize("base_channels, time_dim, size", [(8, 32, 16), (64, 256, 64)], ids=["reduced", "seed"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_seed_unet_computes_what_the_reference_describes(base_channels, time_dim, size, training):
+@pytest.mark.parametrize("channels_last, attention", [(True, "sdpa"), (False, "sdpa"), (False, "seed")],
+                         ids=["channels_last", "contiguous", "seed_attention"])
+def test_seed_unet_computes_what_the_reference_describes(base_channels, time_dim, size, training, channels_last,
+                                                         attention):
     torch.manual_seed(0)
-    model = SeedUNet(image_size=size, base_channels=base_channels, time_dim=time_dim).train(training)
+    model = SeedUNet(image_size=size, base_channels=base_channels, time_dim=time_dim, channels_last=channels_last,
+                     attention=attention).train(training)
     for parameter in model.parameters():  # GroupNorm and LayerNorm start at 1 and 0: give every weight a value
         parameter.data.add_(0.1 * torch.randn_like(parameter))
     x, t = torch.randn(2, 3, size, size), torch.tensor([1, 499])
@@ -129,6 +133,8 @@ def test_a_file_in_the_seeds_format_loads_strictly_and_gives_identical_outputs(t
 def test_seed_unet_refuses_what_it_cannot_be():
     with pytest.raises(ValueError, match="model=seed_unet is the seed's unconditional network; got model.num_classes=10"):
         SeedUNet(num_classes=10)
+    with pytest.raises(ValueError, match=r"model.attention='flash' is not known; choose one of \['sdpa', 'seed'\]"):
+        SeedUNet(attention="flash")
     with pytest.raises(ValueError, match=r"so 20x20 does not fit: use an image size divisible by 8"):
         SeedUNet(image_size=20)
     with pytest.raises(ValueError, match="model=seed_unet is unconditional"):

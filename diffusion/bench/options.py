@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion.bench.workloads import MODEL_DIR, ModelSetup, known_models
 from diffusion.trainer import PRECISIONS, resolve_device
 
-SETUP_KEYS = {"image_size", "channels", "batch_size", "sample_batch_size", "model"}
+SETUP_KEYS = {"image_size", "channels", "batch_size", "sample_batch_size", "model", "bare_sample_model"}
 
 
 @dataclass
@@ -35,6 +35,7 @@ class BenchOptions:
     profile_rows: int
     seed: int
     processes: int = 1
+    whole_sample: tuple[str, int] | None = None  # (sampler config, steps)
 
 
 def model_setup(name: str, per_model: DictConfig) -> ModelSetup:
@@ -53,7 +54,7 @@ def model_setup(name: str, per_model: DictConfig) -> ModelSetup:
     for key in ("image_size", "channels", "batch_size", "sample_batch_size"):
         if not isinstance(entry.get(key), int) or entry[key] < 1:
             raise ValueError(f"per_model.{name}.{key} must be a positive integer, got {entry.get(key)!r}")
-    return ModelSetup(name=name, **{"model": {}, **entry})
+    return ModelSetup(name=name, **{"model": {}, "bare_sample_model": {}, **entry})
 
 
 def read_options(cfg: DictConfig) -> BenchOptions:
@@ -89,6 +90,9 @@ def read_options(cfg: DictConfig) -> BenchOptions:
         raise ValueError(f"profile_steps={cfg.profile_steps} must be >= 1 when profile=true")
     if cfg.processes < 0:
         raise ValueError(f"processes={cfg.processes} must be >= 0 (0 or 1: no multi-process measurement)")
+    whole = cfg.whole_sample
+    if whole.enabled and (not isinstance(whole.steps, int) or whole.steps < 1):
+        raise ValueError(f"whole_sample.steps={whole.steps!r} must be a positive integer, e.g. whole_sample.steps=20")
     variants = ["eager"] + [name for name in ("channels_last", "compile") if cfg[name]]
     return BenchOptions(
         setups=setups,
@@ -108,4 +112,5 @@ def read_options(cfg: DictConfig) -> BenchOptions:
         profile_rows=int(cfg.profile_rows),
         seed=int(cfg.seed),
         processes=int(cfg.processes),
+        whole_sample=(str(whole.sampler), int(whole.steps)) if whole.enabled else None,
     )

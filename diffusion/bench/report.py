@@ -18,6 +18,7 @@ COLUMNS = (
     ("train GF/img", "{train[gflops_per_image]:.3f}"),
     ("train util", "{train[utilisation]:.1%}"),
     ("sample img/s", "{sample[images_per_sec_per_eval]:.2f}"),
+    ("sample/bare", "{sample[eager_over_bare]:.3f}"),
     ("sample GF/img", "{sample[gflops_per_image]:.3f}"),
     ("sample util", "{sample[utilisation]:.1%}"),
     ("train MB", "{train[peak_memory_mb]:.0f}"),
@@ -51,7 +52,16 @@ def table(results: list[dict]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += [whole_sample_line(row) for row in results if row.get("whole_sample")]
     return "\n".join(lines)
+
+
+def whole_sample_line(row: dict) -> str:
+    """One sentence: a whole sample by the platform's sampler against the seed's loop, and their ratio."""
+    whole = row["whole_sample"]
+    return (f"{row['model']} {row['precision']}, {whole['images']} images: {whole['sampler']} {whole['steps']} steps "
+            f"{whole['seconds']:.1f} s; the seed's loop, {whole['seed_loop_evaluations']} evaluations, "
+            f"{whole['seed_loop_seconds']:.1f} s; ratio {whole['over_seed_loop']:.4f} (1/{1 / whole['over_seed_loop']:.1f})")
 
 
 def write_json(report: dict, path: Path) -> Path:

@@ -12,6 +12,7 @@ from diffusion.bench.measure import PeakMemory, count_flops, median, seconds_per
 from diffusion.bench.options import BenchOptions
 from diffusion.bench.report import top_ops
 from diffusion.bench.scaling import multi_process_training
+from diffusion.bench.whole_sample import whole_sample
 from diffusion.bench.workloads import (
     BareWorkload, EngineWorkload, LoaderWorkload, ModelSetup, Parts, SamplingWorkload, build_model, synthetic_batch,
     variant_model,
@@ -53,12 +54,21 @@ def bench_model(setup: ModelSetup, precision: str, parts: Parts, opts: BenchOpti
             )
             for variant, engine in engines.items()
         }
+        weights = engines["eager"].trainer.ema.model.state_dict()
+        bare_network = build_model(setup, channels_last=False, bare=True)
+        bare_network.load_state_dict(weights)
+        bare_sampler = SamplingWorkload(bare_network.to(device), samplers["eager"].x, parts.schedule.num_timesteps,
+                                        precision, device)
         with PeakMemory(device) as sample_memory:
             sample_flops = count_flops(lambda: samplers["eager"](1)) / setup.sample_batch_size
         train_times = seconds_per_step({**engines, "bare": bare}, device, opts.warmup, opts.repeats, opts.min_repeat_seconds)
-        sample_times = seconds_per_step(samplers, device, opts.warmup, opts.repeats, opts.min_repeat_seconds)
+        sample_times = seconds_per_step({**samplers, "bare": bare_sampler}, device, opts.warmup, opts.repeats,
+                                        opts.min_repeat_seconds)
+        whole = None
+        if opts.whole_sample and precision == "fp32":
+            whole = whole_sample(setup, parts, weights, *opts.whole_sample, device, opts.seed)
         parameters = sum(p.numel() for p in engines["eager"].trainer.model.parameters())
-        del engines, bare, samplers
+        del engines, bare, samplers, bare_sampler, bare_network, weights
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -88,6 +98,10 @@ def bench_model(setup: ModelSetup, precision: str, parts: Parts, opts: BenchOpti
         "sample": {
             "images_per_sec_per_eval": sample_rate["eager"],
             "eval_seconds": sample_times["eager"],
+            "bare_images_per_sec_per_eval": sample_rate["bare"],
+            "bare_eval_seconds": sample_times["bare"],
+            "bare_model_overrides": setup.bare_sample_model,
+            "eager_over_bare": sample_rate["eager"] / sample_rate["bare"],
             "flops_per_image": sample_flops,
             "gflops_per_image": sample_flops / 1e9,
             "achieved_flops_per_sec": sample_flops * sample_rate["eager"],
@@ -101,9 +115,11 @@ def bench_model(setup: ModelSetup, precision: str, parts: Parts, opts: BenchOpti
                 "train_over_eager": train_rate[variant] / train_rate["eager"],
                 "sample_images_per_sec": sample_rate[variant],
                 "sample_over_eager": sample_rate[variant] / sample_rate["eager"],
+                "sample_over_bare": sample_rate[variant] / sample_rate["bare"],
             }
             for variant in opts.variants[1:]
         },
+        "whole_sample": whole,
     }
 
 

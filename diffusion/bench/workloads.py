@@ -1,4 +1,5 @@
-"""What the bench times: the engine's training loop, a bare PyTorch loop, sampling forwards, the data loader."""
+"""What the bench times: the engine's training loop, a bare PyTorch loop, sampling forwards, whole samples, the
+data loader."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch.utils.data import Dataset
 from diffusion.config import CONFIG_DIR
 from diffusion.data import TensorImageDataset, build_loader
 from diffusion.objectives import Objective
+from diffusion.samplers import randn_per_image
 from diffusion.schedules import NoiseSchedule
 from diffusion.signals import StopRequest
 from diffusion.trainer import PRECISIONS, Trainer
@@ -34,6 +36,7 @@ class ModelSetup:
     batch_size: int
     sample_batch_size: int
     model: dict = field(default_factory=dict)  # overrides of the model config's keys
+    bare_sample_model: dict = field(default_factory=dict)  # further overrides for the bare sampling loop
 
 
 @dataclass
@@ -52,11 +55,12 @@ def known_models() -> list[str]:
     return sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))
 
 
-def build_model(setup: ModelSetup, *, channels_last: bool) -> nn.Module:
+def build_model(setup: ModelSetup, *, channels_last: bool | None, bare: bool = False) -> nn.Module:
     """Compose ``conf/model/<name>.yaml`` at the setup's image size and channels, with its overrides, and build it.
 
     ``channels_last`` sets the memory layout whatever the model config and the overrides say, so that the
-    ``channels_last`` variant is compared with a baseline in the contiguous layout.
+    ``channels_last`` variant is compared with a baseline in the contiguous layout (None: as configured).
+    ``bare`` adds the overrides of ``bare_sample_model``: the network as the bare sampling loop runs it.
     """
     path = MODEL_DIR / f"{setup.name}.yaml"
     if not path.is_file():
@@ -64,7 +68,8 @@ def build_model(setup: ModelSetup, *, channels_last: bool) -> nn.Module:
     root = OmegaConf.merge(
         {"dataset": {"image_size": setup.image_size, "channels": setup.channels}, "model": OmegaConf.load(path)},
         {"model": setup.model},
-        {"model": {"channels_last": channels_last}},
+        {"model": setup.bare_sample_model if bare else {}},
+        {"model": {} if channels_last is None else {"channels_last": channels_last}},
     )
     return instantiate(root.model)
 
@@ -156,6 +161,21 @@ class SamplingWorkload:
             for _ in range(steps):
                 self.model(self.x, self.t)
         self.model.train(was_training)
+
+
+@torch.no_grad()
+def seed_loop_sample(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor,
+                     generators: list[torch.Generator]) -> torch.Tensor:
+    """The seed repository's sampling loop, bare: eager under ``no_grad``, one network evaluation for each t from T-1
+    down to 1, x <- (x - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) + sqrt(beta_t) z (DDPM Algorithm 2 with
+    sigma_t^2 = beta_t; z = 0 at t = 1), then clamped to [-1, 1]."""
+    model.eval()
+    betas, abar = schedule.betas.to(x.device), schedule.alphas_cumprod.to(x.device)
+    for i in reversed(range(1, schedule.num_timesteps)):
+        eps = model(x, torch.full((len(x),), i, dtype=torch.long, device=x.device))
+        noise = randn_per_image(x, generators) if i > 1 else torch.zeros_like(x)
+        x = (x - betas[i] / (1 - abar[i]).sqrt() * eps) / (1 - betas[i]).sqrt() + betas[i].sqrt() * noise
+    return x.clamp(-1.0, 1.0)
 
 
 class LoaderWorkload:

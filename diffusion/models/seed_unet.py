@@ -73,11 +73,19 @@ class Up(nn.Module):
         return self.conv(x) + self.emb_layer(emb)[:, :, None, None]
 
 
-class SelfAttention(nn.Module):
-    """a = MHA(LN(x)) + x; out = FF(a) + a with FF = LayerNorm, Linear, LayerNorm, Linear (no activation)."""
+ATTENTION = ("sdpa", "seed")
 
-    def __init__(self, channels: int, num_heads: int = 4) -> None:
+
+class SelfAttention(nn.Module):
+    """a = MHA(LN(x)) + x; out = FF(a) + a with FF = LayerNorm, Linear, LayerNorm, Linear (no activation).
+
+    ``attention="sdpa"`` runs ``mha``'s weights through scaled_dot_product_attention; ``"seed"`` calls ``mha`` as
+    the seed does (which also averages the attention weights it discards): the same values, at the seed's speed.
+    """
+
+    def __init__(self, channels: int, num_heads: int = 4, attention: str = "sdpa") -> None:
         super().__init__()
+        self.attention = attention
         self.mha = nn.MultiheadAttention(channels, num_heads, batch_first=True)
         self.ln = nn.LayerNorm(channels)
         self.ff_self = nn.Sequential(
@@ -88,12 +96,13 @@ class SelfAttention(nn.Module):
         b, c, h, w = x.shape
         tokens = x.reshape(b, c, h * w).transpose(1, 2)
         normed = self.ln(tokens)
-        # the attention of ``mha``'s weights through scaled_dot_product_attention: the same values, without the
-        # (h w) x (h w) weight matrix that nn.MultiheadAttention's inference path builds (1.66x faster at 64x64)
-        heads = self.mha.num_heads
-        q, k, v = F.linear(normed, self.mha.in_proj_weight, self.mha.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (z.unflatten(-1, (heads, c // heads)).transpose(1, 2) for z in (q, k, v))
-        attended = self.mha.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)) + tokens
+        if self.attention == "seed":
+            attended = self.mha(normed, normed, normed)[0] + tokens
+        else:  # without the (h w) x (h w) weight matrix that nn.MultiheadAttention's inference path builds
+            heads = self.mha.num_heads
+            q, k, v = F.linear(normed, self.mha.in_proj_weight, self.mha.in_proj_bias).chunk(3, dim=-1)
+            q, k, v = (z.unflatten(-1, (heads, c // heads)).transpose(1, 2) for z in (q, k, v))
+            attended = self.mha.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)) + tokens
         out = self.ff_self(attended) + attended
         return out.transpose(1, 2).reshape(b, c, h, w)
 
@@ -108,11 +117,18 @@ class SeedUNet(nn.Module):
         time_dim: width of the sinusoidal time embedding (256 in the seed).
         time_embed_dropout: dropout on the time embedding, active in train mode (0.1 in the seed).
         num_classes: must stay ``None``: the seed's network is unconditional.
+        channels_last: keep weights and activations in the channels-last memory layout (the same values; faster
+            convolutions, and the attention's tokens need no copy).
+        attention: ``sdpa`` (scaled_dot_product_attention on the seed's weights) or ``seed`` (nn.MultiheadAttention
+            called as the seed calls it: the seed's speed, for comparisons).
     """
 
     def __init__(self, image_size: int = 64, in_channels: int = 3, base_channels: int = 64, time_dim: int = 256,
-                 time_embed_dropout: float = 0.1, num_classes: int | None = None) -> None:
+                 time_embed_dropout: float = 0.1, num_classes: int | None = None, channels_last: bool = True,
+                 attention: str = "sdpa") -> None:
         super().__init__()
+        if attention not in ATTENTION:
+            raise ValueError(f"model.attention={attention!r} is not known; choose one of {list(ATTENTION)}")
         if num_classes is not None:
             raise ValueError(f"model=seed_unet is the seed's unconditional network; got model.num_classes={num_classes}: "
                              "drop it, or use model=unet_small for a class-conditional model")
@@ -121,16 +137,18 @@ class SeedUNet(nn.Module):
         c = base_channels
         self.time_embed_dropout = nn.Dropout(time_embed_dropout)
         self.input_conv = DoubleConv(in_channels, c)
-        self.down1, self.sa1 = Down(c, 2 * c, time_dim), SelfAttention(2 * c)
-        self.down2, self.sa2 = Down(2 * c, 4 * c, time_dim), SelfAttention(4 * c)
-        self.down3, self.sa3 = Down(4 * c, 4 * c, time_dim), SelfAttention(4 * c)
+        self.down1, self.sa1 = Down(c, 2 * c, time_dim), SelfAttention(2 * c, attention=attention)
+        self.down2, self.sa2 = Down(2 * c, 4 * c, time_dim), SelfAttention(4 * c, attention=attention)
+        self.down3, self.sa3 = Down(4 * c, 4 * c, time_dim), SelfAttention(4 * c, attention=attention)
         self.bottleneck1 = DoubleConv(4 * c, 8 * c)
         self.bottleneck2 = DoubleConv(8 * c, 8 * c)
         self.bottleneck3 = DoubleConv(8 * c, 4 * c)
-        self.up1, self.sa4 = Up(8 * c, 2 * c, time_dim), SelfAttention(2 * c)
-        self.up2, self.sa5 = Up(4 * c, c, time_dim), SelfAttention(c)
-        self.up3, self.sa6 = Up(2 * c, c, time_dim), SelfAttention(c)
+        self.up1, self.sa4 = Up(8 * c, 2 * c, time_dim), SelfAttention(2 * c, attention=attention)
+        self.up2, self.sa5 = Up(4 * c, c, time_dim), SelfAttention(c, attention=attention)
+        self.up3, self.sa6 = Up(2 * c, c, time_dim), SelfAttention(c, attention=attention)
         self.out_conv = nn.Conv2d(c, in_channels, kernel_size=1)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
 
     @property
     def null_label(self) -> None:
@@ -151,7 +169,7 @@ class SeedUNet(nn.Module):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_embed_dropout(interleaved_sinusoidal_embedding(t, self.time_dim))
-        x1 = self.input_conv(x)
+        x1 = self.input_conv(x.contiguous(memory_format=self.memory_format))
         x2 = self.sa1(self.down1(x1, emb))
         x3 = self.sa2(self.down2(x2, emb))
         x4 = self.sa3(self.down3(x3, emb))
