@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion.checkpoint import code_version, save_checkpoint
 from diffusion.config import CONFIG_DIR, register_resolvers
+from diffusion.errors import reported_errors
 from diffusion.rundir import shown
 from diffusion.seed_format import from_seed_checkpoint, is_seed_checkpoint
 
@@ -39,7 +40,8 @@ def convert(cfg: DictConfig) -> Path:
 def main(cfg: DictConfig) -> None:
     """Entry point of ``diffusion-convert`` and ``python -m diffusion.convert``."""
     sys.stdout.reconfigure(line_buffering=True)
-    convert(cfg)
+    with reported_errors("diffusion-convert"):
+        convert(cfg)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ class EMA:
         """Fold the current weights in, at optimizer step ``step`` (1-based)."""
         if step < self.start_step or step % self.update_every:
             return
-        decay = 0.0 if step == self.start_step else self.current_decay()
+        # with a start step the first update copies the weights, also when start_step is no multiple of update_every
+        decay = 0.0 if self.start_step and not self.num_updates else self.current_decay()
         ema_params = list(self.model.parameters())
         params = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)

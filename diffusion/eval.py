@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.config import CONFIG_DIR, register_resolvers
+from diffusion.errors import reported_errors
 from diffusion.evaluation import (
     BROKEN_GRID_SIZE,
     compute_metrics,
@@ -174,16 +175,17 @@ def main(cfg: DictConfig) -> float:
     """Entry point of ``diffusion-eval`` and ``python -m diffusion.eval``; returns FD for sweepers."""
     sys.stdout.reconfigure(line_buffering=True)
     torch.set_grad_enabled(False)
-    logger = instantiate(cfg.logger)
-    exit_code = 1
-    try:
-        logger.log_config(OmegaConf.to_container(cfg, resolve=True))
-        result = evaluate(cfg)
-        logger.log_metrics({f"eval/{k}": v for k, v in result["metrics"].items() if v is not None},
-                           step=result["source"].get("step", 0))
-        exit_code = 0
-    finally:
-        logger.finish(exit_code)
+    with reported_errors("diffusion-eval"):
+        logger = instantiate(cfg.logger)
+        exit_code = 1
+        try:
+            logger.log_config(OmegaConf.to_container(cfg, resolve=True))
+            result = evaluate(cfg)
+            logger.log_metrics({f"eval/{k}": v for k, v in result["metrics"].items() if v is not None},
+                               step=result["source"].get("step", 0))
+            exit_code = 0
+        finally:
+            logger.finish(exit_code)
     return result["metrics"]["fd"]
 
 

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.config import CONFIG_DIR
+from diffusion.errors import reported_errors
 from diffusion.images import save_grid, save_images
 from diffusion.labels import resolve_class_labels
 from diffusion.pretrained import load_trained
@@ -31,7 +32,9 @@ def sample(cfg: DictConfig) -> Path:
     model, schedule, objective, state, class_names = (trained.model, trained.schedule, trained.objective,
                                                       trained.state, trained.class_names)
     sampler = instantiate(cfg.sampler)
-    labels, label_nrow = resolve_class_labels(cfg.class_label, cfg.num_images, class_names, cfg.nrow or 8)
+    # the model's own classes: a data set with sub-folders may still have trained an unconditional model
+    labels, label_nrow = resolve_class_labels(cfg.class_label, cfg.num_images,
+                                              class_names if model.num_classes else None, cfg.nrow or 8)
     num_images = len(labels) if labels is not None else cfg.num_images
     seeds = list(range(cfg.seed, cfg.seed + num_images))
     image_shape = (model.in_channels, model.image_size, model.image_size)
@@ -61,7 +64,8 @@ def main(cfg: DictConfig) -> None:
     """Entry point of ``diffusion-sample`` and ``python -m diffusion.sample``."""
     sys.stdout.reconfigure(line_buffering=True)
     torch.set_grad_enabled(False)
-    sample(cfg)
+    with reported_errors("diffusion-sample"):
+        sample(cfg)
 
 
 if __name__ == "__main__":

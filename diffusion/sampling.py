@@ -32,6 +32,18 @@ def guided_output(
     return unconditional + guidance_scale * (conditional - unconditional)
 
 
+def check_guidance(model: nn.Module, class_labels: Sequence[int] | None, guidance_scale: float) -> None:
+    """Raise a ValueError naming the fix when ``guidance_scale`` would be ignored or cannot be applied."""
+    if guidance_scale == 1.0:
+        return
+    if not model.num_classes:
+        raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model, and this one is "
+                         "unconditional: remove guidance_scale (or train with model.num_classes=auto)")
+    if class_labels is not None and getattr(model, "null_label", None) is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs the model's 'no class' label, which this model "
+                         "lacks: remove guidance_scale")
+
+
 def make_denoiser(
     model: nn.Module,
     objective: Objective,
@@ -63,6 +75,7 @@ def generate(
     guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Sample one image per seed (in batches), returned on the CPU in [-1, 1]; ``class_labels`` one per seed."""
+    check_guidance(model, class_labels, guidance_scale)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion import distributed
 from diffusion.callbacks import Callback
 from diffusion.config import CONFIG_DIR, register_resolvers, resolve_num_classes
+from diffusion.errors import reported_errors
 from diffusion.rundir import checkpoint_to_resume, shown
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ def optimized_value(result: dict, name: str) -> float:
 def run(cfg: DictConfig) -> float | None:
     """The Hydra task: train, then return ``optimized_metric`` for sweepers."""
     sys.stdout.reconfigure(line_buffering=True)  # whole log lines reach files and pipes as they happen
-    result = train(cfg)
+    with reported_errors("diffusion-train"):
+        result = train(cfg)
     if result["stopped_by_signal"] is not None:
         sys.exit(128 + result["stopped_by_signal"])
     return optimized_value(result, cfg.optimized_metric)

@@ -16,6 +16,7 @@ from diffusion.callbacks.base import Callback
 from diffusion.checkpoint import FORMAT_VERSION, code_version, load_checkpoint, load_weights, rng_state, set_rng_state
 from diffusion.data import build_loader, random_hflip
 from diffusion.ema import EMA
+from diffusion.errors import TrainingDiverged
 from diffusion.loggers import Logger, NullLogger
 from diffusion.objectives import Objective
 from diffusion.optim import load_optimizer_moments, restore_lr_scheduler
@@ -75,14 +76,17 @@ class Trainer:
         ema_start_step: int = 0,
         timeout_minutes: float = 30.0,
         compile: bool = False,
+        max_nonfinite_steps: int = 20,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"trainer.precision={precision!r} is not known; choose one of {list(PRECISIONS)}")
         if max_steps < 1 or batch_size < 1 or accumulation_steps < 1:
             raise ValueError("trainer.max_steps, trainer.batch_size and trainer.accumulation_steps must be positive")
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"trainer.max_nonfinite_steps must be at least 1, got {max_nonfinite_steps}")
         self.max_steps, self.batch_size, self.accumulation_steps = max_steps, batch_size, accumulation_steps
         self.precision, self.grad_clip, self.num_workers, self.seed = precision, grad_clip, num_workers, seed
-        self.compile = compile
+        self.compile, self.max_nonfinite_steps = compile, max_nonfinite_steps
         self.ema_options = dict(decay=ema_decay, warmup=ema_warmup, update_every=ema_update_every,
                                 start_step=ema_start_step)
         self.world = distributed.init_process_group(timeout_minutes)
@@ -91,6 +95,9 @@ class Trainer:
         self.train_seconds = 0.0  # time spent in optimizer steps (data, forward, backward, update), callbacks excluded
         self.metrics: dict[str, float] = {}  # the latest value of everything logged
         self.stopped_by_signal: int | None = None
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in all
+        self.nonfinite_in_a_row = 0
+        self.diverged: str | None = None  # why the run stopped after too many of them in a row
 
     @property
     def is_main(self) -> bool:
@@ -136,8 +143,11 @@ class Trainer:
             try:
                 self.call("on_fit_start")
                 self.train_loop(self.batches(loader), stop)
-                if self.stopped_by_signal is not None:
-                    self.call("on_stop")
+                if self.stopped_by_signal is not None or self.diverged:
+                    with stop.deferred():  # a second Ctrl-C waits for the checkpoint
+                        self.call("on_stop")
+                if self.diverged:
+                    raise TrainingDiverged(self.diverged)
             finally:
                 self.call("on_fit_end")
         summary = {key: value for callback in self.callbacks.values() for key, value in callback.summary().items()}
@@ -175,18 +185,42 @@ class Trainer:
             if self.stopped_by_signal is not None:
                 return
             start = time.perf_counter()
-            self.loss, self.grad_norm = self.train_step(batches)
+            self.loss, self.grad_norm, finite = self.train_step(batches)
             self.train_seconds += time.perf_counter() - start
             self.step += 1
+            self.count_nonfinite(finite)
             self.ema.update(self.model, self.step)
             self.call("on_step_end")
             if self.pending:
                 logged, self.pending = self.pending, {}
                 self.metrics.update(logged)
                 self.call("on_log", logged)
+            if self.diverged:
+                return
 
-    def train_step(self, batches: Iterator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over ``accumulation_steps`` micro-batches; returns (mean loss, gradient norm)."""
+    def count_nonfinite(self, finite: bool) -> None:
+        """Count a skipped step; after ``max_nonfinite_steps`` in a row, say why the run must stop."""
+        if finite:
+            self.nonfinite_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        self.log_metrics({"train/skipped_steps": self.skipped_steps})
+        log.warning("step %d: the loss (%.4g) or the gradient norm (%.4g) is not finite: the update was skipped "
+                    "(%d in a row, %d in all)", self.step, self.loss.item(), self.grad_norm.item(),
+                    self.nonfinite_in_a_row, self.skipped_steps)
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            self.diverged = (
+                f"the loss or the gradients were not finite for {self.nonfinite_in_a_row} steps in a row (up to step "
+                f"{self.step}); the weights of the last good step are saved in checkpoints/last.pt. Likely causes: a "
+                "learning rate too high (optimizer.lr), no gradient clipping (trainer.grad_clip), fp16 overflow "
+                "(trainer.precision=bf16 or fp32), or NaN/Inf in the data. Raise trainer.max_nonfinite_steps to "
+                "allow more")
+
+    def train_step(self, batches: Iterator) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step over ``accumulation_steps`` micro-batches; returns (mean loss, gradient norm, whether
+        the gradient was finite). A non-finite gradient skips the update in every precision (fp16's scaler also
+        lowers its scale); it is averaged over processes, so every process skips the same steps."""
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
@@ -207,10 +241,12 @@ class Trainer:
             total += loss.detach() / self.accumulation_steps
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        finite = bool(torch.isfinite(grad_norm))  # the same on every process: a non-finite loss makes it non-finite
+        if finite or self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # fp16: the scaler skips a non-finite step itself and lowers its scale
+            self.scaler.update()
         self.lr_scheduler.step()
-        return total, grad_norm
+        return total, grad_norm, finite
 
     def batches(self, loader) -> Iterator:
         """Endless batches; the position (epoch, batch in epoch) always names the next batch to read."""
@@ -253,6 +289,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "grad_scaler": self.scaler.state_dict(),
+            "skipped_steps": self.skipped_steps,
             "rng": {**rng[0], "train_generator": self.generator.get_state(), "ranks": rng[1:]},
             "callbacks": {name: callback.state_dict() for name, callback in self.callbacks.items()},
             "config": self.config_yaml,
@@ -275,6 +312,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["grad_scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.skipped_steps = state.get("skipped_steps", 0)
         changed = restore_lr_scheduler(self.lr_scheduler, state["lr_scheduler"], self.step)
         if changed:
             log.warning("the learning-rate schedule changed since the checkpoint (%s): it now follows the new "

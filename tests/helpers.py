@@ -1,5 +1,8 @@
 """Helpers shared by several test modules."""
 
+import errno
+import json
+
 import torch
 
 from diffusion.callbacks import Callback
@@ -30,3 +33,42 @@ class CountSteps(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.fired = list(state["fired"])
+
+
+class InjectFaults(Callback):
+    """Faults a test asks for, added through YAML: a NaN loss on steps [nan_from, nan_until), and checkpoint writes
+    that fail with "no space left" from step ``fail_writes_from``; writes each step's weight checksum to ``path``."""
+
+    order = -1
+
+    def __init__(self, path: str, nan_from: int = 0, nan_until: int = 0, fail_writes_from: int = 0) -> None:
+        self.path, self.nan_from, self.nan_until, self.fail_writes_from = path, nan_from, nan_until, fail_writes_from
+
+    def on_fit_start(self, trainer) -> None:
+        loss = trainer.objective.loss
+
+        def faulty_loss(*args, **kwargs):
+            value = loss(*args, **kwargs)
+            return value * float("nan") if self.nan_from <= trainer.step + 1 < self.nan_until else value
+
+        trainer.objective.loss = faulty_loss
+        if self.fail_writes_from:
+            import diffusion.callbacks.checkpoint as module
+
+            save = module.save_checkpoint
+
+            def failing_save(state, path):
+                if state["step"] >= self.fail_writes_from:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return save(state, path)
+
+            module.save_checkpoint = failing_save
+
+    def on_step_end(self, trainer) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": trainer.step, "weights": weights_checksum(trainer.model.state_dict())}) + "\n")
+
+
+def weights_checksum(state_dict: dict) -> float:
+    """The sum of every weight, in float64: equal for equal weights, different after an optimizer step."""
+    return float(sum(value.double().sum() for value in state_dict.values() if value.is_floating_point()))

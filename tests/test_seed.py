@@ -219,7 +219,7 @@ def test_a_converted_seed_file_samples_the_same_images(seed_file, tmp_path):
         images.append(generate(trained.model, trained.schedule, trained.objective, sampler, [3, 4], (3, 64, 64)))
     torch.testing.assert_close(images[0], images[1], atol=0, rtol=0)
     again = cli("convert", f"checkpoint={converted}", f"paths.runs_dir={tmp_path}", cwd=tmp_path, check=False)
-    assert again.returncode != 0 and "a checkpoint of this platform needs no conversion" in again.stderr
+    assert again.returncode == 2 and "a checkpoint of this platform needs no conversion" in again.stdout
 
 
 def test_the_seed_recipe_draws_training_timesteps_from_1_to_T_minus_1():

@@ -20,6 +20,7 @@ from diffusion.bench.report import ops_table, table, write_json
 from diffusion.bench.runner import bench_model, loader_rates, profile_training
 from diffusion.bench.workloads import Parts
 from diffusion.config import CONFIG_DIR
+from diffusion.errors import reported_errors
 from diffusion.rundir import shown
 from diffusion.trainer import PRECISIONS
 
@@ -120,4 +121,5 @@ def quiet(name: str):
 def main(cfg: DictConfig) -> None:
     """Entry point of ``diffusion-bench`` and ``python -m diffusion.bench``."""
     sys.stdout.reconfigure(line_buffering=True)
-    bench(cfg)
+    with reported_errors("diffusion-bench"):
+        bench(cfg)

@@ -6,8 +6,10 @@ import logging
 import os
 from pathlib import Path
 
+from diffusion import distributed
 from diffusion.callbacks.base import Callback
 from diffusion.checkpoint import save_checkpoint
+from diffusion.errors import CheckpointWriteError
 from diffusion.rundir import shown
 
 log = logging.getLogger(__name__)
@@ -37,24 +39,43 @@ class Checkpointing(Callback):
             log.warning("stopped at step %d; checkpoint %s; continue with resume=auto", trainer.step, shown(path))
 
     def save(self, trainer, keep_step_file: bool) -> Path:
-        """Write this step's checkpoint (every process gathers the state; rank 0 writes it)."""
+        """Write this step's checkpoint (every process gathers the state; rank 0 writes it).
+
+        ``last.pt`` is replaced first and ``step_<N>.pt`` linked to it after, so that a kill at any moment leaves a
+        ``last.pt`` that loads and is the newest checkpoint. A failed write keeps the previous ``last.pt`` and stops
+        the run on every process with ``CheckpointWriteError``.
+        """
         folder = trainer.run_dir / "checkpoints"
         state = trainer.state_dict()
-        if not trainer.is_main:
-            return folder / "last.pt"
-        last = folder / "last.pt"
-        if not keep_step_file:
-            return save_checkpoint(state, last)
-        step_file = save_checkpoint(state, folder / f"step_{trainer.step}.pt")
-        tmp = folder / ".last.pt.link"
+        last, step_file = folder / "last.pt", folder / f"step_{trainer.step}.pt"
+        failure = None
+        if trainer.is_main:
+            try:
+                write_checkpoint(state, last, step_file if keep_step_file else None, self.keep)
+            except OSError as error:
+                failure = f"could not write {shown(step_file if keep_step_file else last)}: {error.strerror or error}"
+        if distributed.broadcast(failure) is not None:
+            raise CheckpointWriteError(
+                f"{failure}. The previous checkpoint is kept: free disk space or make {shown(folder)} writable "
+                "(or set paths.runs_dir), then continue with resume=auto")
+        if keep_step_file and trainer.is_main:
+            log.info("checkpoint: %s", shown(step_file))
+        return step_file if keep_step_file else last
+
+
+def write_checkpoint(state: dict, last: Path, step_file: Path | None, keep: int) -> None:
+    """Replace ``last`` atomically, then give it a second name ``step_file`` and prune to the newest ``keep``."""
+    save_checkpoint(state, last)
+    if step_file is None:
+        return
+    tmp = step_file.with_name(f".{step_file.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(last, tmp)  # the step file shares last.pt's data: one write
+        os.replace(tmp, step_file)
+    except OSError:  # a file system without hard links: a second copy
         tmp.unlink(missing_ok=True)
-        try:
-            os.link(step_file, tmp)  # last.pt shares the step file's data: one write, still atomic
-            os.replace(tmp, last)
-        except OSError:
-            save_checkpoint(state, last)
-        step_files = sorted(folder.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-        for old in step_files[: -self.keep]:
-            old.unlink()
-        log.info("checkpoint: %s", shown(step_file))
-        return step_file
+        save_checkpoint(state, step_file)
+    step_files = sorted(last.parent.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    for old in step_files[:-keep]:
+        old.unlink()

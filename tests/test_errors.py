@@ -1,0 +1,91 @@
+"""A user's mistake ends a command with one line that names the fix and a documented exit code, no traceback."""
+
+import pathlib
+import re
+
+import pytest
+import torch
+
+from diffusion.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from diffusion.errors import CheckpointWriteError, TrainingDiverged, exit_code_of, reported_errors
+from diffusion.train import train
+from tests.conftest import cli, compose_config, smoke_overrides
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Checkpoints of a class-conditional and an unconditional model, and broken files made from them."""
+    root = tmp_path_factory.mktemp("files")
+    train(compose_config("train", smoke_overrides(**{"model.num_classes": "auto"}), root / "conditional"))
+    train(compose_config("train", smoke_overrides(), root / "unconditional"))
+    conditional = root / "conditional" / "checkpoints" / "last.pt"
+    state = load_checkpoint(conditional)
+    save_checkpoint({**state, "format_version": FORMAT_VERSION + 1}, root / "newer.pt")
+    save_checkpoint({**state, "config": state["config"].replace("_target_: diffusion.models.UNet",
+                                                                  "_target_: os.system")}, root / "evil.pt")
+    torch.save({"weights": torch.zeros(2)}, root / "foreign.pt")
+    torch.save({"model": pathlib.PurePosixPath("x")}, root / "objects.pt")
+    (root / "notes.pt").write_text("not a checkpoint")
+    (root / "cut.pt").write_bytes(conditional.read_bytes()[:4096])
+    return {"conditional": conditional, "unconditional": root / "unconditional" / "checkpoints" / "last.pt",
+            **{name: root / f"{name}.pt" for name in ("newer", "evil", "foreign", "objects", "notes", "cut")}}
+
+
+CASES = [
+    ("sample", ["checkpoint=nope.pt"], r"checkpoint 'nope.pt' does not exist: pass the path of a .pt file"),
+    ("sample", ["checkpoint={newer}"], r"has format version \d+, newer than this code's \d+: upgrade the package"),
+    ("sample", ["checkpoint={evil}"], r"names _target_ 'os.system', outside .*: refusing to instantiate it"),
+    ("sample", ["checkpoint={foreign}"], r"is neither a checkpoint of this platform \(no 'model' entry\) nor one of"),
+    ("sample", ["checkpoint={notes}"], r"could not be read as a checkpoint \(.*\): it is not a file torch.save wrote"),
+    ("sample", ["checkpoint={objects}"], r"holds Python objects beyond tensors, .* refused \(it names "
+                                         r"pathlib.PurePosixPath\)"),
+    ("sample", ["checkpoint={cut}"], r"could not be read as a checkpoint .* damaged or cut short"),
+    ("sample", ["checkpoint={conditional}", "class_label=eleven"], r"class_label='eleven' is not a class of this "
+                                                                    r"model; its classes are \['0', '1'"),
+    ("sample", ["checkpoint={unconditional}", "class_label=3"], r"this model is unconditional .*: remove class_label"),
+    ("sample", ["checkpoint={unconditional}", "guidance_scale=3"], r"guidance_scale=3 needs a class-conditional "
+                                                                    r"model, and this one is unconditional"),
+    ("eval", ["checkpoint={unconditional}", "guidance_scale=3", "num_images=4"], r"guidance_scale=3 needs a "
+                                                                                  r"class-conditional model"),
+    ("train", ["debug=smoke", "dataset=image_folder", "dataset.root=no_such_folder"],
+     r"dataset.root 'no_such_folder' does not exist or is not a folder: point dataset.root at a folder"),
+    ("train", ["debug=smoke", "logger=none", "dataset.image_size=20"],
+     r"model.attention_resolutions \[8\] match no level of a 20x20 UNet"),
+    ("train", ["debug=smoke", "logger=none", "trainer.precision=fp64"], r"trainer.precision='fp64' is not known"),
+    ("convert", ["checkpoint={conditional}"], r"is not in the seed repository's format"),
+]
+
+
+@pytest.mark.parametrize("command, args, message", CASES, ids=[f"{c}-{'-'.join(a)[:40]}" for c, a, _ in CASES])
+def test_a_mistake_prints_one_line_naming_the_fix_and_exits_2(files, tmp_path, command, args, message):
+    result = cli(command, *[a.format(**files) for a in args], f"paths.runs_dir={tmp_path / 'runs'}", cwd=tmp_path,
+                 check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1 and re.search(f"diffusion-{command}: .*{message}", errors[0]), output
+
+
+def test_a_bad_config_choice_is_named_by_hydra_with_the_choices_and_exits_1(tmp_path):
+    result = cli("train", "model=unet_hug", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "Could not find 'model/unet_hug'" in result.stderr and "unet_small" in result.stderr
+
+
+def test_the_traceback_stays_available_with_hydra_full_error(tmp_path):
+    result = cli("sample", "checkpoint=nope.pt", cwd=tmp_path, check=False, env={"HYDRA_FULL_ERROR": "1"})
+    assert result.returncode == 1 and "Traceback" in result.stderr and "FileNotFoundError" in result.stderr
+
+
+def test_exit_codes_of_the_errors_and_a_bug_keeps_its_traceback():
+    assert [exit_code_of(e) for e in (ValueError("x"), FileNotFoundError("x"), CheckpointWriteError("x"),
+                                      TrainingDiverged("x"), TypeError("x"), KeyError("x"))] == [2, 2, 3, 4, None, None]
+    with pytest.raises(SystemExit) as stopped, reported_errors("diffusion-test"):
+        raise TrainingDiverged("x")
+    assert stopped.value.code == 4
+    with pytest.raises(TypeError), reported_errors("diffusion-test"):  # a bug: raised as it is
+        raise TypeError("x")
+    with pytest.raises(SystemExit) as stopped, reported_errors("diffusion-test"):
+        raise KeyboardInterrupt
+    assert stopped.value.code == 130
