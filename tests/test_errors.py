@@ -53,6 +53,7 @@ CASES = [
      r"model.attention_resolutions \[8\] match no level of a 20x20 UNet"),
     ("train", ["debug=smoke", "logger=none", "trainer.precision=fp64"], r"trainer.precision='fp64' is not known"),
     ("convert", ["checkpoint={conditional}"], r"is not in the seed repository's format"),
+    ("prepare", ["src=no_such_folder", "dst=prepared"], r"src='no_such_folder' does not exist or is not a folder"),
 ]
 
 
