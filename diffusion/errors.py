@@ -10,6 +10,7 @@ Exit codes of every ``diffusion-*`` command:
 - 3: a checkpoint could not be written (disk full, read-only folder); the previous checkpoint is kept.
 - 4: training stopped because the loss or the gradients were not finite for too many steps in a row; the last
   good state is saved.
+- 5: a data-loader worker died; the message names the file it was reading.
 - In a sweep (``-m``), a failed job is listed in the sweep's report beside the others, and the sweep exits with 1.
 - 128 + N: stopped by signal N (130 for Ctrl-C, 143 for SIGTERM) after saving a checkpoint; ``resume=auto``
   continues.
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 EXIT_USER_ERROR = 2
 EXIT_CHECKPOINT_NOT_WRITTEN = 3
 EXIT_DIVERGED = 4
+EXIT_LOADER_WORKER_DIED = 5
 
 # what the code raises for a user's mistake, each with a message that names the fix
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
@@ -48,6 +50,12 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradients stayed non-finite for too many steps in a row."""
 
     exit_code = EXIT_DIVERGED
+
+
+class LoaderWorkerDied(RuntimeError):
+    """A data-loader worker process died while reading a file."""
+
+    exit_code = EXIT_LOADER_WORKER_DIED
 
 
 def exit_code_of(error: BaseException) -> int | None:

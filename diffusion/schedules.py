@@ -130,6 +130,26 @@ def betas_from_alphas_cumprod(alphas_cumprod: torch.Tensor, max_beta: float) -> 
     return (1.0 - alphas_cumprod / previous).clamp(max=max_beta)
 
 
+# above this alpha-bar at the last step, x_T keeps a trace of the image that sampling's pure noise lacks
+# (the seed's T = 500 linear schedule ends at 0.0064; 20 steps of the same betas end at 0.81)
+MAX_TERMINAL_ALPHA_BAR = 0.01
+
+
+def far_from_noise(schedule: NoiseSchedule) -> str | None:
+    """Why a schedule's last step is far from pure noise, with the fix; None when it is close enough."""
+    terminal = float(schedule.alphas_cumprod[-1])
+    if terminal <= MAX_TERMINAL_ALPHA_BAR:
+        return None
+    steps = schedule.num_timesteps
+    fixes = "use schedule=cosine or schedule=sigmoid, or more steps (schedule.num_timesteps)"
+    if isinstance(schedule, LinearSchedule) and schedule.beta_end * 1000 / steps < 1:
+        scale = 1000 / steps  # improved-diffusion's scaling keeps the T = 1000 schedule's end for any T
+        fixes = (f"scale the betas by 1000/T as improved-diffusion does (schedule.beta_start="
+                 f"{schedule.beta_start * scale:.4g} schedule.beta_end={schedule.beta_end * scale:.4g}), or {fixes}")
+    return (f"the noise schedule ends far from pure noise: at its last step (t = {steps - 1}) alpha-bar is "
+            f"{terminal:.3g}, the share of the image's variance left, while sampling starts from pure noise: {fixes}")
+
+
 class LinearSchedule(NoiseSchedule):
     """Betas linear from ``beta_start`` to ``beta_end`` (Ho et al. 2020, Sec. 4)."""
 
@@ -141,6 +161,7 @@ class LinearSchedule(NoiseSchedule):
             )
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         super().__init__(betas, rescale_zero_terminal_snr)
+        self.beta_start, self.beta_end = beta_start, beta_end
 
 
 class CosineSchedule(NoiseSchedule):

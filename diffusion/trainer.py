@@ -15,14 +15,15 @@ from diffusion import distributed
 from diffusion.callbacks.base import Callback
 from diffusion.checkpoint import FORMAT_VERSION, code_version, load_checkpoint, load_weights, rng_state, set_rng_state
 from diffusion.data import build_loader, random_hflip
+from diffusion.data.loader import worker_death
 from diffusion.ema import EMA
-from diffusion.errors import TrainingDiverged
+from diffusion.errors import LoaderWorkerDied, TrainingDiverged
 from diffusion.loggers import Logger, NullLogger
 from diffusion.objectives import Objective
 from diffusion.optim import load_optimizer_moments, restore_lr_scheduler
 from diffusion.protocols import DiffusionModel, ImageDataset
 from diffusion.rundir import shown
-from diffusion.schedules import NoiseSchedule
+from diffusion.schedules import NoiseSchedule, far_from_noise
 from diffusion.signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,8 @@ class Trainer:
         """Move the parts to the device and build the optimizer, LR schedule, scaler, EMA and random generator."""
         model.check_image_size(dataset.image_size, dataset.image_size)
         objective.check_schedule(schedule)
+        if (warning := far_from_noise(schedule)) and self.is_main:
+            log.warning(warning)
         self.run_dir, self.config_yaml = Path(run_dir), config_yaml
         self.model, self.schedule = model.to(self.device), schedule.to(self.device)
         self.objective, self.dataset = objective, dataset
@@ -252,9 +255,14 @@ class Trainer:
         """Endless batches; the position (epoch, batch in epoch) always names the next batch to read."""
         while True:
             loader.batch_sampler.set_position(self.epoch, self.batch_in_epoch)
-            for batch in loader:
-                self.batch_in_epoch += 1
-                yield batch
+            try:
+                for batch in loader:
+                    self.batch_in_epoch += 1
+                    yield batch
+            except RuntimeError as error:
+                if (message := worker_death(error, self.dataset, self.num_workers)) is None:
+                    raise
+                raise LoaderWorkerDied(message) from error
             self.epoch += 1
             self.batch_in_epoch = 0
 
@@ -290,7 +298,8 @@ class Trainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "grad_scaler": self.scaler.state_dict(),
             "skipped_steps": self.skipped_steps,
-            "rng": {**rng[0], "train_generator": self.generator.get_state(), "ranks": rng[1:]},
+            "rng": {**rng[0], "train_generator": self.generator.get_state(), "train_generator_device": self.device.type,
+                    "ranks": rng[1:]},
             "callbacks": {name: callback.state_dict() for name, callback in self.callbacks.items()},
             "config": self.config_yaml,
             "class_names": list(self.dataset.classes or []),
@@ -304,6 +313,20 @@ class Trainer:
         self.ema.model.load_state_dict(state["ema"]["state_dict"] if "ema" in state else self.model.state_dict())
         if not load_optimizer_moments(self.optimizer, state.get("optimizer") or state.get("seed_optimizer")):
             log.warning("init_from: the optimizer state does not fit this model's parameters; starting it afresh")
+
+    def restore_generator(self, rng: dict) -> None:
+        """The training noise's generator as saved; one saved on another kind of device (a CUDA run resumed on a
+        CPU) has another state layout, so it starts a fresh stream, seeded by the step, and says so."""
+        saved_on = rng.get("train_generator_device", "the device it was saved on")  # older checkpoints do not say
+        try:
+            if saved_on not in (self.device.type, "the device it was saved on"):
+                raise RuntimeError(f"saved on {saved_on}")
+            self.generator.set_state(rng["train_generator"].cpu())
+        except RuntimeError as error:
+            log.warning("the checkpoint's training-noise generator does not fit this %s run (%s): it draws new random "
+                        "numbers from here on, so the run continues, though not as it would have on %s",
+                        self.device.type, error, saved_on)
+            self.generator.manual_seed(self.seed + self.step)
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint's state: weights, EMA, optimizer, schedules, RNG, data position, callbacks."""
@@ -326,7 +349,7 @@ class Trainer:
             log.warning("resuming on %d process(es) a checkpoint of %d: dropout draws new random numbers",
                         self.world.size, len(ranks))
             torch.manual_seed(self.seed + 1_000_003 * self.world.rank + self.step)
-        self.generator.set_state(state["rng"]["train_generator"].cpu())
+        self.restore_generator(state["rng"])
         for name, callback_state in state.get("callbacks", {}).items():
             if name in self.callbacks:
                 self.callbacks[name].load_state_dict(callback_state)

@@ -2,10 +2,13 @@
 
 import errno
 import json
+import os
+import signal
 
 import torch
 
 from diffusion.callbacks import Callback
+from diffusion.data import ImageFolderDataset
 
 
 def perturb_zero_layers(model: torch.nn.Module) -> None:
@@ -72,3 +75,12 @@ class InjectFaults(Callback):
 def weights_checksum(state_dict: dict) -> float:
     """The sum of every weight, in float64: equal for equal weights, different after an optimizer step."""
     return float(sum(value.double().sum() for value in state_dict.values() if value.is_floating_point()))
+
+
+class PoisonedFolder(ImageFolderDataset):
+    """An image folder whose files named poison* kill the process reading them, as a decoder crash would."""
+
+    def load(self, path):
+        if path.name.startswith("poison"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().load(path)

@@ -7,6 +7,9 @@ import torch
 from PIL import Image
 
 from diffusion.data import DigitsDataset, EpochBatchSampler, ImageFolderDataset, TensorImageDataset
+from diffusion.errors import LoaderWorkerDied, exit_code_of
+from diffusion.train import train
+from tests.conftest import compose_config, smoke_overrides
 
 
 def make_folder(root, classes=("cats", "dogs"), per_class=3, size=(40, 30)):
@@ -127,3 +130,17 @@ def test_batch_order_resumes_mid_epoch():
 def test_a_batch_larger_than_the_data_set_is_explained():
     with pytest.raises(ValueError, match="fewer than one batch of 64: lower trainer.batch_size"):
         EpochBatchSampler(10, batch_size=64)
+
+
+def test_a_loader_worker_that_dies_is_reported_with_the_file_it_was_reading(tmp_path):
+    make_folder(tmp_path / "data", per_class=4, size=(16, 16))
+    Image.new("RGB", (16, 16)).save(tmp_path / "data" / "dogs" / "poison.png")
+    overrides = smoke_overrides(**{"dataset": "image_folder", "dataset._target_": "tests.helpers.PoisonedFolder",
+                                   "dataset.root": str(tmp_path / "data"), "dataset.image_size": 16,
+                                   "trainer.num_workers": 2, "trainer.batch_size": 3, "trainer.max_steps": 20})
+    with pytest.raises(LoaderWorkerDied) as died:
+        train(compose_config("train", overrides, tmp_path / "run"))
+    message = str(died.value)
+    assert f"a data-loader worker died while reading {tmp_path / 'data' / 'dogs' / 'poison.png'}: DataLoader " \
+           "worker (pid" in message and "trainer.num_workers=2 (lower it)" in message
+    assert exit_code_of(died.value) == 5

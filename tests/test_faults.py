@@ -1,6 +1,8 @@
 """Faults mid-run: a kill while a checkpoint is written, a failed write, non-finite losses, a second Ctrl-C."""
 
 import json
+import logging
+import math
 import multiprocessing
 import os
 import random
@@ -11,9 +13,11 @@ import pytest
 import torch
 
 from diffusion.callbacks.checkpoint import write_checkpoint
+from diffusion.checkpoint import load_checkpoint, save_checkpoint
 from diffusion.ema import EMA
 from diffusion.signals import StopRequest
-from tests.conftest import REPO, cli, smoke_overrides
+from diffusion.train import train
+from tests.conftest import REPO, cli, compose_config, smoke_overrides
 
 
 def keep_writing(folder) -> None:
@@ -127,3 +131,23 @@ def test_an_ema_starting_off_its_cadence_starts_from_the_weights():
         if step == 6:
             assert ema.model.weight.item() == 6.0 and ema.num_updates == 1
     assert ema.model.weight.item() == pytest.approx(0.9 * 6.0 + 0.1 * 8.0) and ema.num_updates == 2
+
+
+@pytest.mark.parametrize("device_recorded", [True, False], ids=["device_recorded", "older_checkpoint"])
+def test_a_checkpoint_of_a_cuda_run_resumes_on_the_cpu(tmp_path, caplog, device_recorded):
+    run = tmp_path / "run"
+    train(compose_config("train", smoke_overrides(), run))
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    state["rng"]["train_generator"] = torch.arange(16, dtype=torch.uint8)  # a CUDA generator's state: seed, offset
+    state["rng"]["cuda"] = [torch.arange(16, dtype=torch.uint8)]
+    if device_recorded:
+        state["rng"]["train_generator_device"] = "cuda"
+    else:
+        state["rng"].pop("train_generator_device")
+    save_checkpoint(state, run / "checkpoints" / "last.pt")
+    with caplog.at_level(logging.WARNING, logger="diffusion.trainer"):
+        result = train(compose_config("train", smoke_overrides(**{"trainer.max_steps": 6, "resume": str(run)}), run))
+    assert result["step"] == 6 and math.isfinite(result["loss"])
+    where = "cuda" if device_recorded else "the device it was saved on"
+    assert any("generator does not fit this cpu run" in r.message and f"not as it would have on {where}" in r.message
+               for r in caplog.records)

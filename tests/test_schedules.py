@@ -1,11 +1,14 @@
 """Schedule quantities against their closed forms, and the forward process's statistics."""
 
+import logging
 import math
 
 import pytest
 import torch
 
-from diffusion.schedules import CosineSchedule, LinearSchedule, SigmoidSchedule
+from diffusion.schedules import CosineSchedule, LinearSchedule, SigmoidSchedule, far_from_noise
+from diffusion.train import train
+from tests.conftest import compose_config, smoke_overrides
 
 
 def test_linear_schedule_matches_closed_form():
@@ -113,3 +116,19 @@ def test_the_default_sampler_reaches_the_data_on_a_zero_terminal_snr_schedule():
     z = (sample_dpmpp_2m_sde(gaussian_denoiser(mu, std, schedule), x, schedule, generators, clip_denoised=False)
          - mu) / std
     assert abs(z.mean().item()) < 0.01 and abs(z.var().item() - 1.0) < 0.06
+
+
+def test_a_schedule_ending_far_from_pure_noise_is_named_with_its_fix(caplog, tmp_path):
+    short = far_from_noise(LinearSchedule(20))  # debug=smoke's schedule: 20 steps of the T = 1000 betas
+    assert "at its last step (t = 19) alpha-bar is 0.817" in short and "schedule=cosine" in short
+    assert "scale the betas" not in short  # 1000/20 x 0.02 = 1: no valid scaled schedule
+    medium = far_from_noise(LinearSchedule(100))
+    assert "alpha-bar is 0.364" in medium and "schedule.beta_start=0.001 schedule.beta_end=0.2" in medium
+    fixed = LinearSchedule(100, beta_start=0.001, beta_end=0.2)  # the fix it names ends where T = 1000 ends
+    assert far_from_noise(fixed) is None
+    assert abs(math.log(fixed.alphas_cumprod[-1] / LinearSchedule(1000).alphas_cumprod[-1])) < 1  # 2.0e-5 vs 4.0e-5
+    assert far_from_noise(LinearSchedule(500)) is None  # the seed's T = 500, as its checkpoints were trained
+    assert far_from_noise(CosineSchedule(20)) is None and far_from_noise(SigmoidSchedule(20)) is None
+    with caplog.at_level(logging.WARNING, logger="diffusion.trainer"):
+        train(compose_config("train", smoke_overrides(**{"trainer.max_steps": 1}), tmp_path))
+    assert [r.message for r in caplog.records if "far from pure noise" in r.message] == [short]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 from torchvision.transforms import functional as TF
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,19 @@ class ImageFolderDataset(Dataset):
                 "put them in one sub-folder per class, e.g. root/cats/001.jpg"
             )
         self.skipped: set[int] = set()
+        self.reading: torch.Tensor | None = None  # per loader worker: [pid, sample being read], in shared memory
+
+    def track_workers(self, num_workers: int) -> None:
+        """Keep, in shared memory, which file each of ``num_workers`` loader workers reads, so that a worker that
+        dies (a file crashing the decoder, too little memory) can be reported with its file."""
+        self.reading = torch.full((num_workers, 2), -1, dtype=torch.long).share_memory_()
+
+    def files_being_read(self, pids: set[int] | None = None) -> list[Path]:
+        """The files the workers with these process ids (all workers: None) were reading when last seen."""
+        if self.reading is None:
+            return []
+        return [self.samples[index][0] for pid, index in self.reading.tolist()
+                if index >= 0 and (pids is None or pid in pids)]
 
     @property
     def num_classes(self) -> int:
@@ -95,11 +109,17 @@ class ImageFolderDataset(Dataset):
             return TF.to_tensor(image) * 2 - 1
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        worker = get_worker_info() if self.reading is not None else None
         for offset in range(len(self.samples)):
             i = (index + offset) % len(self.samples)
             path, label = self.samples[i]
+            if worker is not None:
+                self.reading[worker.id] = torch.tensor([os.getpid(), i])
             try:
-                return self.load(path), label
+                image = self.load(path)
+                if worker is not None:
+                    self.reading[worker.id, 1] = -1
+                return image, label
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
                 if i not in self.skipped:
                     self.skipped.add(i)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 from collections.abc import Iterator
 
@@ -64,6 +65,8 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
     """A DataLoader over ``EpochBatchSampler`` (this process's share of each batch); its workers' seeds come
     from a fixed generator, not the global RNG."""
     sampler = EpochBatchSampler(len(dataset), batch_size, seed, rank, world_size)
+    if num_workers > 0 and hasattr(dataset, "track_workers"):
+        dataset.track_workers(num_workers)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -84,3 +87,17 @@ def random_hflip(images: torch.Tensor, generator: torch.Generator | None, rows: 
     """
     flip = torch.rand(batch_size or images.shape[0], device=images.device, generator=generator)[rows] < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def worker_death(error: RuntimeError, dataset: Dataset, num_workers: int) -> str | None:
+    """What to tell the user when ``error`` says a loader worker died: the file(s) it was reading and the likely
+    causes; None for any other error."""
+    match = re.search(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)", str(error))
+    if match is None:
+        return None
+    pids = {int(pid) for pid in re.findall(r"\d+", match.group(1))}
+    files = dataset.files_being_read(pids) if hasattr(dataset, "files_being_read") else []
+    reading = f"while reading {', '.join(str(f) for f in files)}" if files else "(the file it read is not known)"
+    return (f"a data-loader worker died {reading}: {str(error).splitlines()[0].strip()} Likely causes: a file that crashes "
+            f"the image decoder (diffusion-prepare sets such files aside), or too little memory for "
+            f"trainer.num_workers={num_workers} (lower it)")
