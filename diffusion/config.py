@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.utils import _locate
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
@@ -49,6 +52,54 @@ def check_targets(node: Any, allowed: tuple[str, ...] = ("diffusion.",), where: 
     elif isinstance(node, ListConfig):
         for i, item in enumerate(node):
             check_targets(item, allowed, f"{where}[{i}]")
+
+
+# what a config value may be for a constructor argument annotated with one of these types
+ACCEPTED = {int: (int,), float: (int, float), bool: (bool,), str: (str,), type(None): (type(None),)}
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def check_value_types(node: Any, where: str) -> None:
+    """Raise a ValueError naming the key when a value cannot be what its ``_target_``'s annotation says
+    (``trainer.max_steps=abc``), instead of the constructor's TypeError; arguments of other types are not checked."""
+    if isinstance(node, DictConfig):
+        target = node.get("_target_")
+        if target is not None:
+            check_arguments(node, str(target), where)
+        for key in node:
+            if not OmegaConf.is_missing(node, key):
+                check_value_types(node[key], f"{where}.{key}")
+    elif isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            check_value_types(item, f"{where}[{i}]")
+
+
+def check_arguments(node: DictConfig, target: str, where: str) -> None:
+    """Check ``node``'s plain values against the annotations of the callable ``target`` names."""
+    try:
+        function = _locate(target)
+        hints = typing.get_type_hints(function.__init__ if isinstance(function, type) else function)
+    except Exception:  # not importable or not annotated: instantiate says what is wrong
+        return
+    for key in node:
+        if key.startswith("_") or key not in hints or OmegaConf.is_missing(node, key):
+            continue
+        kinds, others = plain_types(hints[key])
+        value = node[key]
+        if not kinds or isinstance(value, (DictConfig, ListConfig)):
+            continue
+        fits = any(isinstance(value, ACCEPTED[kind]) and (kind is bool or not isinstance(value, bool)) for kind in kinds)
+        # beside other types (a tensor, a sequence) only a word where a number belongs is surely wrong
+        if not fits and (not others or (isinstance(value, str) and str not in kinds)):
+            expected = " or ".join(TYPE_NAMES[kind] for kind in kinds)
+            raise ValueError(f"{where}.{key}={value!r} must be {expected} ({target.rsplit('.', 1)[-1]}'s {key})")
+
+
+def plain_types(hint: Any) -> tuple[tuple[type, ...], bool]:
+    """The plain types (int, float, bool, str, None) an annotation allows, and whether it allows others too."""
+    kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    plain = tuple(kind for kind in kinds if kind in ACCEPTED)
+    return plain, len(plain) < len(kinds)
 
 
 def resolve_num_classes(cfg: DictConfig, dataset: Any) -> None:

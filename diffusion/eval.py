@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.config import CONFIG_DIR, register_resolvers
+from diffusion.config import CONFIG_DIR, check_value_types, register_resolvers
 from diffusion.errors import reported_errors
 from diffusion.evaluation import (
     BROKEN_GRID_SIZE,
@@ -54,6 +54,7 @@ def reference_dataset(cfg: DictConfig, split: str | None):
 
 def sample_checkpoint(cfg: DictConfig, device: torch.device, image_size: int, channels: int):
     """``num_images`` images sampled from the checkpoint (seed ``seed + i``, class ``i % num_classes``)."""
+    check_value_types(cfg.sampler, "sampler")
     trained = load_trained(cfg.checkpoint, cfg.use_ema, device, OmegaConf.to_container(cfg.seed_format))
     model, schedule, objective, state, use_ema = (trained.model, trained.schedule, trained.objective,
                                                   trained.state, trained.use_ema)

@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.config import CONFIG_DIR
+from diffusion.config import CONFIG_DIR, check_value_types
 from diffusion.errors import reported_errors
 from diffusion.images import save_grid, save_images
 from diffusion.labels import resolve_class_labels
@@ -31,6 +31,7 @@ def sample(cfg: DictConfig) -> Path:
     trained = load_trained(cfg.checkpoint, cfg.use_ema, device, OmegaConf.to_container(cfg.seed_format))
     model, schedule, objective, state, class_names = (trained.model, trained.schedule, trained.objective,
                                                       trained.state, trained.class_names)
+    check_value_types(cfg.sampler, "sampler")
     sampler = instantiate(cfg.sampler)
     # the model's own classes: a data set with sub-folders may still have trained an unconditional model
     labels, label_nrow = resolve_class_labels(cfg.class_label, cfg.num_images,

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion import distributed
 from diffusion.callbacks import Callback
-from diffusion.config import CONFIG_DIR, register_resolvers, resolve_num_classes
+from diffusion.config import CONFIG_DIR, check_value_types, register_resolvers, resolve_num_classes
 from diffusion.errors import reported_errors
 from diffusion.rundir import checkpoint_to_resume, shown
 
@@ -45,8 +45,11 @@ def train(cfg: DictConfig) -> dict:
              shown(cfg.paths.output_dir), world.size, "es" if world.size > 1 else "",
              cfg.trainer.batch_size * cfg.trainer.accumulation_steps, batch, cfg.trainer.accumulation_steps)
     torch.manual_seed(cfg.seed)
+    check_value_types(cfg.dataset, "dataset")
     dataset = instantiate(cfg.dataset)
     resolve_num_classes(cfg, dataset)
+    for group in ("trainer", "model", "schedule", "objective", "optimizer", "lr_scheduler", "callbacks", "logger"):
+        check_value_types(cfg.get(group), group)
     model = instantiate(cfg.model)
     schedule = instantiate(cfg.schedule)
     objective = instantiate(cfg.objective)

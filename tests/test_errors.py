@@ -2,11 +2,13 @@
 
 import pathlib
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from diffusion.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from diffusion.config import CONFIG_DIR, check_value_types
 from diffusion.errors import CheckpointWriteError, TrainingDiverged, exit_code_of, reported_errors
 from diffusion.train import train
 from tests.conftest import cli, compose_config, smoke_overrides
@@ -52,6 +54,11 @@ CASES = [
     ("train", ["debug=smoke", "logger=none", "dataset.image_size=20"],
      r"model.attention_resolutions \[8\] match no level of a 20x20 UNet"),
     ("train", ["debug=smoke", "logger=none", "trainer.precision=fp64"], r"trainer.precision='fp64' is not known"),
+    ("train", ["debug=smoke", "logger=none", "trainer.max_steps=abc"],
+     r"trainer.max_steps='abc' must be an integer \(Trainer's max_steps\)"),
+    ("train", ["debug=smoke", "logger=none", "optimizer.lr=fast"], r"optimizer.lr='fast' must be a number"),
+    ("train", ["debug=smoke", "logger=none", "trainer.grad_clip=off"], r"trainer.grad_clip='off' must be a number or null"),
+    ("sample", ["checkpoint={conditional}", "sampler.steps=many"], r"sampler.steps='many' must be an integer"),
     ("convert", ["checkpoint={conditional}"], r"is not in the seed repository's format"),
     ("prepare", ["src=no_such_folder", "dst=prepared"], r"src='no_such_folder' does not exist or is not a folder"),
 ]
@@ -90,3 +97,17 @@ def test_exit_codes_of_the_errors_and_a_bug_keeps_its_traceback():
     with pytest.raises(SystemExit) as stopped, reported_errors("diffusion-test"):
         raise KeyboardInterrupt
     assert stopped.value.code == 130
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")))
+def test_every_shipped_experiment_passes_the_type_check(experiment):
+    cfg = compose_config("train", [f"experiment={experiment}"])
+    if cfg.model.get("num_classes") == "auto":  # what training resolves from the data set first
+        cfg.model.num_classes = 10
+    for group in ("dataset", "trainer", "model", "schedule", "objective", "optimizer", "lr_scheduler", "callbacks"):
+        check_value_types(cfg[group], group)
+
+
+@pytest.mark.parametrize("sampler", sorted(p.stem for p in (Path(CONFIG_DIR) / "sampler").glob("*.yaml")))
+def test_every_shipped_sampler_passes_the_type_check(sampler):
+    check_value_types(compose_config("sample", [f"sampler={sampler}", "checkpoint=x.pt"]).sampler, "sampler")

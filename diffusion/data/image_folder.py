@@ -34,7 +34,7 @@ class ImageFolderDataset(Dataset):
         random_flip: flip images horizontally at random during training.
     """
 
-    def __init__(self, root: str, image_size: int = 64, channels: int = 3, random_flip: bool = True) -> None:
+    def __init__(self, root: str | None, image_size: int = 64, channels: int = 3, random_flip: bool = True) -> None:
         if channels not in (1, 3):
             raise ValueError(f"dataset.channels must be 1 or 3, got {channels}")
         if root is None or str(root) in ("", "???"):
