@@ -39,7 +39,7 @@ def check_guidance(model: nn.Module, class_labels: Sequence[int] | None, guidanc
     if not model.num_classes:
         raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model, and this one is "
                          "unconditional: remove guidance_scale (or train with model.num_classes=auto)")
-    if class_labels is not None and getattr(model, "null_label", None) is None:
+    if class_labels is not None and model.null_label is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs the model's 'no class' label, which this model "
                          "lacks: remove guidance_scale")
 

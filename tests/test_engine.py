@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from diffusion.callbacks import Callback
 from diffusion.checkpoint import load_checkpoint, save_checkpoint
 from diffusion.data import DigitsDataset
 from diffusion.ema import EMA
@@ -65,16 +66,45 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
         torch.testing.assert_close(accumulated[key], large[key], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_trains_with_finite_losses(tmp_path, precision):
-    result = train(compose_config("train", smoke_overrides(**{"trainer.precision": precision}), tmp_path))
+class RecordActivationDtypes(Callback):
+    """Records the dtype of every convolution's and linear layer's output in the training forward passes."""
+
+    def __init__(self) -> None:
+        self.dtypes: set[str] = set()
+
+    def on_fit_start(self, trainer) -> None:
+        def record(module, inputs, output):
+            if module.training:
+                self.dtypes.add(f"{type(module).__name__}: {output.dtype}")
+
+        self.layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in trainer.model.modules())
+        self.hooks = [m.register_forward_hook(record) for m in trainer.model.modules()
+                      if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+    def on_fit_end(self, trainer) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+    def summary(self) -> dict:
+        return {"activation_dtypes": sorted(self.dtypes), "hooked_layers": self.layers}
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                              ("fp16", torch.float16)])
+def test_mixed_precision_runs_the_network_in_its_dtype_and_keeps_fp32_weights(tmp_path, precision, dtype):
+    overrides = smoke_overrides(**{"trainer.precision": precision, "callbacks.sample_grid.every": 0,
+                                   "+callbacks.dtypes._target_": "tests.test_engine.RecordActivationDtypes"})
+    result = train(compose_config("train", overrides, tmp_path))
     assert result["step"] == 4 and 0 < result["loss"] < 10
+    assert result["hooked_layers"] > 20  # every convolution and linear layer of the UNet
+    assert result["activation_dtypes"] == [f"Conv2d: {dtype}", f"Linear: {dtype}"]  # autocast took effect
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    for key, value in [*state["model"].items(), *state["ema"]["state_dict"].items()]:
+        assert value.dtype == torch.float32 and torch.isfinite(value).all(), key  # the master weights stay fp32
     if precision == "fp16":  # the scaler's state is saved: its scale starts at 2**16 and halves on overflow
         assert state["grad_scaler"]["scale"] in [2.0 ** (16 - k) for k in range(5)]
     else:
-        assert state["grad_scaler"] == {}  # bf16 needs no scaler
+        assert state["grad_scaler"] == {}  # fp32 and bf16 need no scaler
 
 
 def test_checkpoints_are_written_atomically_and_load_without_code(tmp_path):
@@ -92,11 +122,17 @@ def test_checkpoints_are_written_atomically_and_load_without_code(tmp_path):
         load_checkpoint(tmp_path / "evil.pt")
 
 
-def test_keep_checkpoints_prunes_old_step_files(tmp_path):
-    overrides = smoke_overrides(**{"trainer.max_steps": 8, "callbacks.checkpoint.every": 2, "callbacks.checkpoint.keep": 2})
+@pytest.mark.parametrize("keep, files", [(2, ["last.pt", "step_6.pt", "step_8.pt"]), (0, ["last.pt"])])
+def test_keep_checkpoints_prunes_old_step_files(tmp_path, keep, files):
+    """Four checkpoints (steps 2, 4, 6, 8): the newest ``keep`` step files stay beside last.pt; keep=0 writes none."""
+    overrides = smoke_overrides(**{"trainer.max_steps": 8, "callbacks.checkpoint.every": 2,
+                                   "callbacks.checkpoint.keep": keep, "callbacks.sample_grid.every": 0})
     train(compose_config("train", overrides, tmp_path))
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "step_6.pt", "step_8.pt"]
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 8
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == files  # no temporary or link file either
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert last["step"] == 8
+    for name in files[1:]:  # each step file is that step's checkpoint
+        assert load_checkpoint(tmp_path / "checkpoints" / name)["step"] == int(name[5:-3])
 
 
 def test_processes_writing_one_cache_file_at_once_do_not_collide(tmp_path):

@@ -61,6 +61,15 @@ def test_a_kill_between_the_two_names_leaves_the_newest_step_in_last_pt(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "step_1.pt"]
 
 
+def test_a_resumed_run_removes_the_partial_files_a_killed_writer_left(tmp_path):
+    run = tmp_path / "run"
+    train(compose_config("train", smoke_overrides(), run))
+    partial = run / "checkpoints" / ".last.pt.12345.abcdef12.tmp"
+    partial.write_bytes(b"half a checkpoint")
+    train(compose_config("train", smoke_overrides(**{"trainer.max_steps": 6, "resume": str(run)}), run))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "step_4.pt", "step_6.pt"]
+
+
 def faulty_run(tmp_path, fault: str, *extra: str, check: bool = True):
     """``diffusion-train debug=smoke`` with tests.helpers.InjectFaults configured by ``fault``; returns the result,
     the run directory and the weight checksum of every step."""

@@ -2,10 +2,14 @@
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from PIL import Image
 
 from diffusion.checkpoint import load_checkpoint, save_checkpoint
+from diffusion.config import instantiate_from_checkpoint_config
+from diffusion.images import to_uint8
 from diffusion.sample import sample
+from diffusion.sampling import generate
 from diffusion.train import train
 from tests.conftest import cli, compose_config, smoke_overrides
 
@@ -13,8 +17,24 @@ from tests.conftest import cli, compose_config, smoke_overrides
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    train(compose_config("train", smoke_overrides(), run))
+    # 4 steps at a constant learning rate, and an EMA without warm-up that stays near the initial weights: the raw
+    # and the EMA weights differ clearly
+    train(compose_config("train", smoke_overrides(lr_scheduler="constant", **{"optimizer.lr": 1e-3,
+                                                                              "trainer.ema_warmup": "false"}), run))
     return run / "checkpoints" / "last.pt"
+
+
+def pixels(path) -> torch.Tensor:
+    with Image.open(path) as image:
+        return torch.tensor(list(image.tobytes()), dtype=torch.uint8).view(image.height, image.width)
+
+
+def assert_grid_shows_the_images(grid, singles, nrow, size, padding=2):
+    """Tile i of the grid (row i // nrow, column i % nrow, ``padding`` pixels apart) is single image i."""
+    grid = pixels(grid)
+    for i, single in enumerate(singles):
+        top, left = padding + (i // nrow) * (size + padding), padding + (i % nrow) * (size + padding)
+        assert torch.equal(grid[top : top + size, left : left + size], pixels(single)), f"image {i}"
 
 
 def test_sample_writes_a_grid_and_single_pngs_of_the_right_size(checkpoint, tmp_path):
@@ -25,8 +45,11 @@ def test_sample_writes_a_grid_and_single_pngs_of_the_right_size(checkpoint, tmp_
         assert image.size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2) and image.mode == "L"
     singles = sorted((tmp_path / "images").iterdir())
     assert [p.name for p in singles] == [f"{i:06d}.png" for i in range(6)]
-    with Image.open(singles[0]) as image:
-        assert image.size == (32, 32)
+    assert_grid_shows_the_images(grid, singles, nrow=3, size=32)
+    image = pixels(singles[0])
+    assert image.shape == (32, 32) and image.float().std().item() > 10  # an image, not a blank
+    # upscale=2 is nearest-neighbour: every 2x2 block is one pixel of the 16x16 sample
+    torch.testing.assert_close(image, image[::2, ::2].repeat_interleave(2, 0).repeat_interleave(2, 1), atol=0, rtol=0)
 
 
 def test_sampling_is_reproducible_per_seed_and_ema_differs_from_raw(checkpoint, tmp_path):
@@ -38,12 +61,31 @@ def test_sampling_is_reproducible_per_seed_and_ema_differs_from_raw(checkpoint, 
     a, b = first_image(tmp_path / "a"), first_image(tmp_path / "b", "batch_size=1")
     assert torch.equal(a, b)
     assert not torch.equal(a, first_image(tmp_path / "c", "seed=5"))
+    # 4 steps of Adam at lr 1e-3 move the raw weights by up to 4e-3; the EMA (decay 0.999) kept 0.4% of that
+    state = load_checkpoint(checkpoint)
+    assert max((state["model"][k] - v).abs().max().item() for k, v in state["ema"]["state_dict"].items()) > 1e-3
+    raw = first_image(tmp_path / "raw", "use_ema=false")
+    assert (raw.float() - a.float()).abs().mean().item() > 0.5  # grey levels, of 255
+    # and each is the image of its own weights: sampled here from a model given the EMA or the raw weights
+    sampler = instantiate(compose_config("sample", [f"checkpoint={checkpoint}"]).sampler)
+    for weights, image in ((state["ema"]["state_dict"], a), (state["model"], raw)):
+        parts = instantiate_from_checkpoint_config(state["config"], ("model", "schedule", "objective"))
+        parts["model"].load_state_dict(weights)
+        expected = generate(parts["model"], parts["schedule"], parts["objective"], sampler, [0, 1], (1, 16, 16))
+        assert torch.equal(image, to_uint8(expected[0]).flatten())
 
 
 def test_the_sample_command_line(checkpoint, tmp_path):
-    cli("sample", f"checkpoint={checkpoint}", "num_images=4", f"paths.runs_dir={tmp_path}", cwd=tmp_path)
-    grids = list(tmp_path.glob("sample/*/grid.png"))
-    assert len(grids) == 1
+    cli("sample", f"checkpoint={checkpoint}", "num_images=4", "seed=3", "device=cpu", f"paths.runs_dir={tmp_path}",
+        cwd=tmp_path)
+    (grid,) = tmp_path.glob("sample/*/grid.png")
+    singles = sorted((grid.parent / "images").iterdir())
+    assert pixels(grid).shape == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2) and len(singles) == 4
+    assert_grid_shows_the_images(grid, singles, nrow=2, size=16)
+    # the command line's seed reached the sampler: the images are seed 3's to 6's, as sampled in this process
+    sample(compose_config("sample", [f"checkpoint={checkpoint}", "num_images=4", "seed=3", "device=cpu"], tmp_path))
+    for i, single in enumerate(singles):
+        assert torch.equal(pixels(single), pixels(tmp_path / "images" / f"{i:06d}.png")), f"image {i}"
 
 
 def test_a_checkpoint_of_another_architecture_lists_the_mismatched_keys(checkpoint, tmp_path):

@@ -29,6 +29,14 @@ class Checkpointing(Callback):
     def __init__(self, every: int = 1000, keep: int = 3) -> None:
         self.every, self.keep = every, keep
 
+    def on_fit_start(self, trainer) -> None:
+        """Remove the partial files a killed writer of this run left (a run's checkpoints have one writer)."""
+        if trainer.is_main:
+            folder = trainer.run_dir / "checkpoints"
+            for partial in [*folder.glob(".*.pt.*.tmp"), *folder.glob(".*.pt.link")]:
+                partial.unlink(missing_ok=True)
+                log.info("removed %s, left by a writer that was killed", shown(partial))
+
     def on_step_end(self, trainer) -> None:
         if trainer.due(self.every):
             self.save(trainer, keep_step_file=self.keep > 0)
