@@ -96,6 +96,7 @@ class Trainer:
         self.train_seconds = 0.0  # time spent in optimizer steps (data, forward, backward, update), callbacks excluded
         self.metrics: dict[str, float] = {}  # the latest value of everything logged
         self.stopped_by_signal: int | None = None
+        self.lr = 0.0  # the learning rate of the latest optimizer step
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in all
         self.nonfinite_in_a_row = 0
         self.diverged: str | None = None  # why the run stopped after too many of them in a row
@@ -248,6 +249,7 @@ class Trainer:
         if finite or self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # fp16: the scaler skips a non-finite step itself and lowers its scale
             self.scaler.update()
+        self.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used, before the schedule moves on
         self.lr_scheduler.step()
         return total, grad_norm, finite
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from diffusion.callbacks import Callback
 from diffusion.checkpoint import load_checkpoint
@@ -264,3 +265,20 @@ def test_resuming_with_more_steps_stretches_the_learning_rate_schedule(tmp_path,
     straight, resumed = lrs(tmp_path / "straight"), lrs(tmp_path / "resumed")
     assert resumed[4:] == pytest.approx(straight[4:], rel=1e-12)  # steps 5-8 follow the 8-step schedule
     assert resumed[3] < straight[3]  # the first 4 steps had followed the 4-step schedule
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(tmp_path):
+    overrides = smoke_overrides(**{"lr_scheduler": "warmup_cosine", "lr_scheduler.warmup_steps": 3,
+                                   "trainer.max_steps": 6, "callbacks.metrics.every": 1})
+    cfg = compose_config("train", overrides, tmp_path)
+    train(cfg)
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # the rates the optimizer steps used: the schedule's value before each of its steps
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.optimizer.lr)
+    schedule = instantiate(cfg.lr_scheduler)(optimizer=optimizer)
+    used = []
+    for _ in range(6):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert logged == pytest.approx(used) and used[0] < used[2]  # warming up: each step's own rate, not the next one's

@@ -55,7 +55,7 @@ class MetricsLogger(Callback):
         seconds = max(1e-9, trainer.train_seconds - self.window_start)
         metrics = {
             "loss": loss,
-            "lr": trainer.optimizer.param_groups[0]["lr"],
+            "lr": trainer.lr,
             "grad_norm": float(trainer.grad_norm),
             "images_per_sec": self.steps * trainer.batch_size * trainer.accumulation_steps / seconds,
             "epoch": trainer.epoch,
