@@ -67,13 +67,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Unsupported global" not in str(error):
+        named = re.search(r"Unsupported (?:global: GLOBAL|class) (\S+)", str(error))  # torch >= 2.4 | 2.3
+        if named is None:
             raise ValueError(f"{str(path)!r} could not be read as a checkpoint (it is not a pickle torch.load "
                              "knows): it is not a file torch.save wrote, or it is damaged or cut short") from error
-        named = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         raise ValueError(f"{str(path)!r} holds Python objects beyond tensors, which could run code when loaded, so "
-                         f"it is refused (it names {named.group(1) if named else 'a global'}): save state dicts of "
-                         "tensors alone") from error
+                         f"it is refused (it names {named.group(1)}): save state dicts of tensors alone") from error
     except Exception as error:  # what a file torch.save did not write, or wrote only in part, makes torch.load raise
         raise ValueError(f"{str(path)!r} could not be read as a checkpoint ({type(error).__name__}: {error}): it is "
                          "not a file torch.save wrote, or it is damaged or cut short (a partial copy?)") from error

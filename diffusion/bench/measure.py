@@ -32,12 +32,15 @@ def _attention_backward_flops(grad_out, query, key, value, *args, out_shape=None
 
 # FlopCounterMode knows the CUDA attention kernels but not the CPU one (it would count attention as 0).
 # FLOPs here are the model's, as the math path computes them: a fused backward's recomputation is left out.
+# (the ops this PyTorch has: the cuDNN one is newer than torch 2.3)
 CPU_ATTENTION_FLOPS = {
-    aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
-    aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops,
-    aten._scaled_dot_product_flash_attention_backward: _attention_backward_flops,
-    aten._scaled_dot_product_efficient_attention_backward: _attention_backward_flops,
-    aten._scaled_dot_product_cudnn_attention_backward: _attention_backward_flops,
+    getattr(aten, name): counter for name, counter in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _attention_flops),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _attention_backward_flops),
+        ("_scaled_dot_product_flash_attention_backward", _attention_backward_flops),
+        ("_scaled_dot_product_efficient_attention_backward", _attention_backward_flops),
+        ("_scaled_dot_product_cudnn_attention_backward", _attention_backward_flops),
+    ) if hasattr(aten, name)
 }
 
 
