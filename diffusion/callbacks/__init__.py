@@ -6,5 +6,6 @@ from diffusion.callbacks.evaluation import EvaluateAndKeepBest
 from diffusion.callbacks.metrics import MetricsLogger
 from diffusion.callbacks.progress import ProgressBar
 from diffusion.callbacks.samples import SampleGrid
+from diffusion.callbacks.validation import ValidationLoss
 
-__all__ = ["Callback", "Checkpointing", "EvaluateAndKeepBest", "MetricsLogger", "ProgressBar", "SampleGrid"]
+__all__ = ["Callback", "Checkpointing", "EvaluateAndKeepBest", "MetricsLogger", "ProgressBar", "SampleGrid", "ValidationLoss"]

@@ -1,0 +1,74 @@
+"""A validation loss that can be compared between steps and runs: held-out images, fixed timesteps, fixed noise."""
+
+from __future__ import annotations
+
+import torch
+
+from diffusion.callbacks.base import Callback
+from diffusion.objectives import TrainingNoise
+
+
+class ValidationLoss(Callback):
+    """Every ``every`` steps, the objective's loss on ``num_images`` held-out images (the first of ``dataset``),
+    logged as ``val/loss`` and per timestep bin as ``val/loss_bin<k>``.
+
+    Image i is always noised at the centre timestep of bin ``i % bins`` (the bins split [0, T) evenly) with the
+    same noise, drawn once from ``seed``, and keeps its class label, so the value moves only when the weights
+    do: it is identical in two runs with the same weights, whatever order the training data came in.
+
+    Args:
+        dataset: the held-out images (a data set config, e.g. the digits ``test`` split or another folder).
+        every: steps between evaluations (0: never); it also runs at the last step.
+        num_images: held-out images used (all of them if the data set is smaller).
+        bins: timestep bins, each reported on its own.
+        batch_size: images per forward pass.
+        seed: the seed of the fixed noise.
+        use_ema: measure the EMA weights instead of the trained ones.
+    """
+
+    order = 45  # before the checkpoint and the evaluation's best-keeping, after the metrics line
+
+    def __init__(self, dataset, every: int = 500, num_images: int = 256, bins: int = 10, batch_size: int = 64,
+                 seed: int = 0, use_ema: bool = False) -> None:
+        if bins < 1 or num_images < bins:
+            raise ValueError(f"callbacks.validation needs bins >= 1 and num_images >= bins, got {bins} and {num_images}")
+        self.dataset, self.every, self.bins, self.batch_size = dataset, every, bins, batch_size
+        self.num_images, self.seed, self.use_ema = min(num_images, len(dataset)), seed, use_ema
+        self.fixed: dict[str, torch.Tensor] | None = None
+
+    def on_fit_start(self, trainer) -> None:
+        """Gather the images and draw their timesteps and noise, once."""
+        items = [self.dataset[i] for i in range(self.num_images)]
+        images = torch.stack([image for image, _ in items])
+        bins = torch.arange(self.num_images) % self.bins
+        edges = torch.linspace(0, trainer.schedule.num_timesteps, self.bins + 1)
+        t = ((edges[bins] + edges[bins + 1]) / 2).long().clamp(max=trainer.schedule.num_timesteps - 1)
+        noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(self.seed))
+        labels = torch.as_tensor([label for _, label in items]) if trainer.model.num_classes else None
+        self.fixed = {"images": images, "t": t, "noise": noise, "bins": bins, "labels": labels}
+
+    def on_step_end(self, trainer) -> None:
+        if trainer.due(self.every):
+            trainer.log_metrics(self.measure(trainer))
+
+    @torch.no_grad()
+    def measure(self, trainer) -> dict[str, float]:
+        """``val/loss`` and the loss of each timestep bin, at the current weights."""
+        model = trainer.ema.model if self.use_ema else trainer.model
+        was_training = model.training
+        model.eval()
+        fixed, losses = self.fixed, []
+        try:
+            for start in range(0, self.num_images, self.batch_size):
+                rows = slice(start, start + self.batch_size)
+                draws = TrainingNoise(fixed["t"][rows].to(trainer.device), fixed["noise"][rows].to(trainer.device), None)
+                labels = None if fixed["labels"] is None else fixed["labels"][rows].to(trainer.device)
+                losses.append(trainer.objective.loss(model, trainer.schedule, fixed["images"][rows].to(trainer.device),
+                                                     class_labels=labels, draws=draws).float().cpu())
+        finally:
+            model.train(was_training)
+        per_image = torch.cat(losses)
+        metrics = {"val/loss": per_image.mean().item()}
+        for k in range(self.bins):
+            metrics[f"val/loss_bin{k}"] = per_image[fixed["bins"] == k].mean().item()
+        return metrics
