@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diffusion.models.layers import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, sinusoidal_embedding, zero_init
