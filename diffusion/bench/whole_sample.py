@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion.bench.measure import synchronize
+from diffusion.bench.measure import timed
 from diffusion.bench.workloads import ModelSetup, Parts, build_model, seed_loop_sample
 from diffusion.config import CONFIG_DIR
 from diffusion.samplers import image_generators, randn_per_image
@@ -25,15 +24,6 @@ def sampler_from_config(name: str, steps: int):
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise ValueError(f"whole_sample.sampler={name!r} has no conf/sampler/{name}.yaml; choose from {known}")
     return instantiate(OmegaConf.merge(OmegaConf.load(path), {"steps": steps}))
-
-
-def timed(run, device: torch.device) -> float:
-    """Wall-clock seconds of ``run()``, device work included."""
-    synchronize(device)
-    start = time.perf_counter()
-    run()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def whole_sample(setup: ModelSetup, parts: Parts, weights: dict[str, torch.Tensor], sampler: str, steps: int,
@@ -52,13 +42,14 @@ def whole_sample(setup: ModelSetup, parts: Parts, weights: dict[str, torch.Tenso
         x, t = torch.zeros(n, *shape, device=device), torch.zeros(n, dtype=torch.long, device=device)
         platform(x, t)
         bare(x, t)
-    seconds = timed(lambda: generate(platform, schedule, parts.objective, sample_fn, seeds, shape, batch_size=n), device)
+    seconds = timed(lambda _: generate(platform, schedule, parts.objective, sample_fn, seeds, shape, batch_size=n), 1,
+                    device)
 
-    def seed_loop() -> None:
+    def seed_loop(_steps: int) -> None:
         generators = image_generators(seeds)
         seed_loop_sample(bare, schedule, randn_per_image(torch.empty(n, *shape, device=device), generators), generators)
 
-    seed_seconds = timed(seed_loop, device)
+    seed_seconds = timed(seed_loop, 1, device)
     return {
         "sampler": sampler, "steps": steps, "images": n, "seconds": seconds,
         "seed_loop_evaluations": schedule.num_timesteps - 1, "seed_loop_seconds": seed_seconds,

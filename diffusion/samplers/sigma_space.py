@@ -76,19 +76,24 @@ def sample_heun(
     """Heun's second-order method (EDM Algorithm 1, deterministic); NFE = 2 steps - 1."""
     sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x0 = denoise(x, sigma)
-        slope = (x - x0) / sigma
-        x_euler = x + slope * (sigma_next - sigma)
-        if sigma_next == 0:
-            x = x_euler
-        else:
-            slope_next = (x_euler - denoise(x_euler, sigma_next)) / sigma_next
-            x = x + 0.5 * (slope + slope_next) * (sigma_next - sigma)
+        x, x0 = heun_step(denoise, x, sigma, sigma_next)
         report(callback, i, steps, sigma_next, x, x0)
     return x
 
 
 sample_heun.evaluations_per_step = 2  # and one on the last step, to sigma = 0
+
+
+def heun_step(denoise, x: torch.Tensor, sigma: float, sigma_next: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of Heun's method from sigma to sigma_next (EDM Algorithm 1, lines 4-8): an Euler step, corrected
+    by the slope at its end unless it ends at sigma = 0; returns (x at sigma_next, the denoised x at sigma)."""
+    x0 = denoise(x, sigma)
+    slope = (x - x0) / sigma
+    x_euler = x + slope * (sigma_next - sigma)
+    if sigma_next == 0:
+        return x_euler, x0
+    slope_next = (x_euler - denoise(x_euler, sigma_next)) / sigma_next
+    return x + 0.5 * (slope + slope_next) * (sigma_next - sigma), x0
 
 
 @torch.no_grad()

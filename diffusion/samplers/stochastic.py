@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from diffusion.samplers.noise import Denoiser, randn_per_image
-from diffusion.samplers.sigma_space import report, start
+from diffusion.samplers.sigma_space import heun_step, report, start
 from diffusion.schedules import NoiseSchedule
 
 
@@ -47,13 +47,7 @@ def sample_edm(
         sigma_hat = sigma * (1.0 + gamma)
         if gamma > 0:  # line 6: x_hat = x + sqrt(sigma_hat^2 - sigma^2) eps
             x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * randn_per_image(x, generators)
-        x0 = denoise(x, sigma_hat)
-        slope = (x - x0) / sigma_hat  # line 7
-        x_next = x + (sigma_next - sigma_hat) * slope  # line 8
-        if sigma_next > 0:  # lines 9-11: the second-order correction
-            slope_next = (x_next - denoise(x_next, sigma_next)) / sigma_next
-            x_next = x + (sigma_next - sigma_hat) * 0.5 * (slope + slope_next)
-        x = x_next
+        x, x0 = heun_step(denoise, x, sigma_hat, sigma_next)  # lines 7-11, from sigma_hat
         report(callback, i, steps, sigma_next, x, x0)
     return x
 
