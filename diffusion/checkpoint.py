@@ -17,7 +17,8 @@ import diffusion
 from diffusion.seed_format import from_seed_checkpoint, is_seed_checkpoint
 
 # 2: callback state under "callbacks" (format 1 kept the loss window and the best evaluation at the top level)
-FORMAT_VERSION = 2
+# 3: the averages of the weights by name under "averages" ("ema" still holds the primary one) and SWALR's state
+FORMAT_VERSION = 3
 
 
 def code_version() -> str:

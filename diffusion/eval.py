@@ -55,9 +55,8 @@ def reference_dataset(cfg: DictConfig, split: str | None):
 def sample_checkpoint(cfg: DictConfig, device: torch.device, image_size: int, channels: int):
     """``num_images`` images sampled from the checkpoint (seed ``seed + i``, class ``i % num_classes``)."""
     check_value_types(cfg.sampler, "sampler")
-    trained = load_trained(cfg.checkpoint, cfg.use_ema, device, OmegaConf.to_container(cfg.seed_format))
-    model, schedule, objective, state, use_ema = (trained.model, trained.schedule, trained.objective,
-                                                  trained.state, trained.use_ema)
+    trained = load_trained(cfg.checkpoint, cfg.weights, device, OmegaConf.to_container(cfg.seed_format))
+    model, schedule, objective, state = trained.model, trained.schedule, trained.objective, trained.state
     if (model.image_size, model.in_channels) != (image_size, channels):
         raise ValueError(
             f"the checkpoint makes {model.in_channels}-channel {model.image_size}x{model.image_size} images but the "
@@ -80,7 +79,8 @@ def sample_checkpoint(cfg: DictConfig, device: torch.device, image_size: int, ch
                               cfg.batch_size, callback=progress, guidance_scale=cfg.guidance_scale)
         finally:
             hook.remove()
-    source = {"checkpoint": str(cfg.checkpoint), "step": int(state.get("step", -1)), "use_ema": use_ema,
+    source = {"checkpoint": str(cfg.checkpoint), "step": int(state.get("step", -1)), "weights": trained.weights,
+              **{key: trained.chosen.info[key] for key in ("sigma_rel",) if key in trained.chosen.info},
               "nfe": len(forward_calls) // num_batches}  # network evaluations per image (a guided pair counts once)
     return images, (torch.tensor(labels) if labels else None), source, class_names
 

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def sample(cfg: DictConfig) -> Path:
     """Sample ``cfg.num_images`` images (image i from seed ``cfg.seed + i``); returns the grid's path."""
     device = resolve_device(cfg.device)
-    trained = load_trained(cfg.checkpoint, cfg.use_ema, device, OmegaConf.to_container(cfg.seed_format))
+    trained = load_trained(cfg.checkpoint, cfg.weights, device, OmegaConf.to_container(cfg.seed_format))
     model, schedule, objective, state, class_names = (trained.model, trained.schedule, trained.objective,
                                                       trained.state, trained.class_names)
     check_value_types(cfg.sampler, "sampler")

@@ -14,9 +14,9 @@ import torch
 from diffusion import distributed
 from diffusion.callbacks.base import Callback
 from diffusion.checkpoint import FORMAT_VERSION, code_version, load_checkpoint, load_weights, rng_state, set_rng_state
+from diffusion.averaging import WeightAverages
 from diffusion.data import build_loader, random_hflip
 from diffusion.data.loader import worker_death
-from diffusion.ema import EMA
 from diffusion.errors import LoaderWorkerDied, TrainingDiverged
 from diffusion.loggers import Logger, NullLogger
 from diffusion.objectives import Objective
@@ -25,6 +25,7 @@ from diffusion.protocols import DiffusionModel, ImageDataset
 from diffusion.rundir import shown
 from diffusion.schedules import NoiseSchedule, far_from_noise
 from diffusion.signals import StopRequest
+from diffusion.swa_lr import SWALearningRate
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 
 
 class Trainer:
-    """Runs optimizer steps with EMA and keeps the state that resumes a run exactly; callbacks do the rest.
+    """Runs optimizer steps with averages of the weights and keeps the state that resumes a run exactly; callbacks do the rest.
 
     Under ``torchrun`` or ``srun`` every process runs this loop on its share of each batch, with the model in
     DistributedDataParallel; every callback hook runs on every process, and only rank 0 writes.
@@ -56,7 +57,13 @@ class Trainer:
         num_workers: data-loading processes (per training process).
         seed: seeds the data order, the timesteps, the noise and the random flips.
         device: ``auto``, ``cpu``, ``cuda`` (the local rank's GPU), ``cuda:1``...
-        ema_decay, ema_warmup, ema_update_every, ema_start_step: the EMA of the weights (see ``EMA``).
+        ema_decay: a decay or a list of them: one EMA each, named ``ema_<decay>``; with ``ema_warmup``,
+            ``ema_update_every``, ``ema_start_step`` (see ``diffusion.averaging.ExponentialAverage``).
+        ema_sigma_rel: EDM2 power-function EMAs, one per relative standard deviation, named ``ema_rel<sigma_rel>``.
+        swa: keep the stochastic weight average, named ``swa``: every ``swa_every`` steps from ``swa_start_step``
+            (null: three quarters of ``max_steps``), the equal-weight mean, or with ``swa_decay`` an EMA over the
+            same steps; with ``swa_lr`` the learning rate anneals to it over ``swa_anneal_steps`` (SWALR) there.
+            The first average listed (EMAs, power EMAs, SWA) is ``ema``: grids and evaluation sample it.
         timeout_minutes: how long a process waits for the others (e.g. while rank 0 evaluates) before failing.
         compile: ``torch.compile`` the network for training (its first steps compile it; later ones run faster).
     """
@@ -71,10 +78,17 @@ class Trainer:
         num_workers: int = 0,
         seed: int = 0,
         device: str = "auto",
-        ema_decay: float = 0.999,
+        ema_decay: float | list[float] = 0.999,
         ema_warmup: bool = True,
         ema_update_every: int = 1,
         ema_start_step: int = 0,
+        ema_sigma_rel: float | list[float] | None = None,
+        swa: bool = False,
+        swa_start_step: int | None = None,
+        swa_every: int = 1,
+        swa_decay: float | None = None,
+        swa_lr: float | None = None,
+        swa_anneal_steps: int = 0,
         timeout_minutes: float = 30.0,
         compile: bool = False,
         max_nonfinite_steps: int = 20,
@@ -88,8 +102,12 @@ class Trainer:
         self.max_steps, self.batch_size, self.accumulation_steps = max_steps, batch_size, accumulation_steps
         self.precision, self.grad_clip, self.num_workers, self.seed = precision, grad_clip, num_workers, seed
         self.compile, self.max_nonfinite_steps = compile, max_nonfinite_steps
-        self.ema_options = dict(decay=ema_decay, warmup=ema_warmup, update_every=ema_update_every,
-                                start_step=ema_start_step)
+        swa_start_step = swa_start_step if swa_start_step is not None else max(1, max_steps * 3 // 4)
+        self.average_options = dict(
+            ema_decays=as_list(ema_decay), ema_warmup=ema_warmup, ema_update_every=ema_update_every,
+            ema_start_step=ema_start_step, sigma_rels=as_list(ema_sigma_rel),
+            swa=dict(start_step=swa_start_step, every=swa_every, decay=swa_decay) if swa else None)
+        self.swa_lr = SWALearningRate(swa_start_step, swa_lr, swa_anneal_steps) if swa and swa_lr is not None else None
         self.world = distributed.init_process_group(timeout_minutes)
         self.device = resolve_device(device, self.world.local_rank)
         self.step = self.epoch = self.batch_in_epoch = 0
@@ -157,7 +175,7 @@ class Trainer:
 
     def setup(self, model, schedule, objective, dataset, optimizer, lr_scheduler, run_dir, callbacks=None,
               logger=None, config_yaml: str = "") -> None:
-        """Move the parts to the device and build the optimizer, LR schedule, scaler, EMA and random generator."""
+        """Move the parts to the device and build the optimizer, LR schedule, scaler, averages and random generator."""
         model.check_image_size(dataset.image_size, dataset.image_size)
         objective.check_schedule(schedule)
         if (warning := far_from_noise(schedule)) and self.is_main:
@@ -171,9 +189,10 @@ class Trainer:
         self.optimizer = optimizer(params=model.parameters())
         self.lr_scheduler = lr_scheduler(optimizer=self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.ema = EMA(model, **self.ema_options)
+        self.averages = WeightAverages(model, **self.average_options)
+        self.ema = self.averages.primary  # what grids, evaluation and weights=ema use
         if self.compile:
-            model.compile()  # in place, after the EMA's copy: DDP and the optimizer keep the same parameters
+            model.compile()  # in place, after the averages' copies: DDP and the optimizer keep the same parameters
         # one generator, in step on every process: each draws for the whole batch and keeps its rows
         self.generator = torch.Generator(self.device).manual_seed(self.seed)
         share = self.batch_size // self.world.size
@@ -193,7 +212,7 @@ class Trainer:
             self.train_seconds += time.perf_counter() - start
             self.step += 1
             self.count_nonfinite(finite)
-            self.ema.update(self.model, self.step)
+            self.averages.update(self.model, self.step)
             self.call("on_step_end")
             if self.pending:
                 logged, self.pending = self.pending, {}
@@ -250,7 +269,10 @@ class Trainer:
             self.scaler.step(self.optimizer)  # fp16: the scaler skips a non-finite step itself and lowers its scale
             self.scaler.update()
         self.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used, before the schedule moves on
-        self.lr_scheduler.step()
+        if self.swa_lr is not None:
+            self.swa_lr.step(self.optimizer, self.lr_scheduler, self.step + 2)
+        else:
+            self.lr_scheduler.step()
         return total, grad_norm, finite
 
     def batches(self, loader) -> Iterator:
@@ -295,9 +317,10 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.world.size,
             "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
+            **averages_entries(self.averages.state_dict(), self.averages.primary.name),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
+            "swa_lr_scheduler": self.swa_lr.state_dict() if self.swa_lr is not None else None,
             "grad_scaler": self.scaler.state_dict(),
             "skipped_steps": self.skipped_steps,
             "rng": {**rng[0], "train_generator": self.generator.get_state(), "train_generator_device": self.device.type,
@@ -309,10 +332,10 @@ class Trainer:
         }
 
     def initialize_from(self, state: dict) -> None:
-        """A fine-tune: the model takes a checkpoint's weights, the EMA its EMA weights (or the same), and the
+        """A fine-tune: the model takes a checkpoint's weights, every average its EMA weights (or the same), and the
         optimizer its moments where every parameter's shape matches (the seed's Adam state included)."""
         load_weights(self.model, state["model"], what="weights to start from (init_from)")
-        self.ema.model.load_state_dict(state["ema"]["state_dict"] if "ema" in state else self.model.state_dict())
+        self.averages.copy_weights(state["ema"]["state_dict"] if "ema" in state else self.model.state_dict())
         if not load_optimizer_moments(self.optimizer, state.get("optimizer") or state.get("seed_optimizer")):
             log.warning("init_from: the optimizer state does not fit this model's parameters; starting it afresh")
 
@@ -331,9 +354,12 @@ class Trainer:
             self.generator.manual_seed(self.seed + self.step)
 
     def restore(self, state: dict) -> None:
-        """Continue from a checkpoint's state: weights, EMA, optimizer, schedules, RNG, data position, callbacks."""
+        """Continue from a checkpoint's state: weights, averages, optimizer, schedules, RNG, data position, callbacks."""
+        if "optimizer" not in state:
+            raise ValueError("the checkpoint holds weights only (diffusion-posthoc or a conversion wrote it), not the "
+                             "state a run continues from: start a new run from it with init_from=PATH instead of resume")
         load_weights(self.model, state["model"], what="model weights")
-        self.ema.load_state_dict(state["ema"])
+        self.averages.load_state_dict(state.get("averages") or {}, legacy_ema=state.get("ema"))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["grad_scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -344,6 +370,11 @@ class Trainer:
                         "settings from step 0, so at step %d the learning rate is %.3g", ", ".join(
                             f"{key} {old} -> {new}" for key, (old, new) in changed.items()),
                         self.step, self.optimizer.param_groups[0]["lr"])
+        if self.swa_lr is not None:
+            self.swa_lr.load_state_dict(state.get("swa_lr_scheduler"), self.optimizer)
+            if state.get("swa_lr_scheduler") is not None:  # the schedule's replay above may have moved the rate
+                for group, saved in zip(self.optimizer.param_groups, state["optimizer"]["param_groups"]):
+                    group["lr"] = saved["lr"]
         ranks = [state["rng"], *state["rng"].get("ranks", [])]
         if len(ranks) == self.world.size:
             set_rng_state(ranks[self.world.rank])
@@ -356,3 +387,15 @@ class Trainer:
             if name in self.callbacks:
                 self.callbacks[name].load_state_dict(callback_state)
 
+
+def as_list(value) -> list:
+    """A config value that may be one item, a list of them, or null, as a list."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, (int, float)) else list(value)
+
+
+def averages_entries(averages: dict[str, dict], primary: str) -> dict[str, dict]:
+    """The checkpoint's ``averages`` by name, and ``ema``: the primary one's entry (the same tensors, stored once),
+    which checkpoints before several averages held alone."""
+    return {"ema": averages[primary], "averages": averages}

@@ -1,4 +1,4 @@
-"""The engine's arithmetic: EMA, gradient accumulation, mixed precision, checkpoint files."""
+"""The engine's arithmetic: gradient accumulation, mixed precision, checkpoint files."""
 
 import pytest
 import torch
@@ -6,33 +6,12 @@ import torch
 from diffusion.callbacks import Callback
 from diffusion.checkpoint import load_checkpoint, save_checkpoint
 from diffusion.data import DigitsDataset
-from diffusion.ema import EMA
 from diffusion.models import UNet
 from diffusion.objectives import EpsilonObjective
 from diffusion.schedules import LinearSchedule
 from diffusion.train import train
 from diffusion.trainer import Trainer
 from tests.conftest import compose_config, smoke_overrides
-
-
-def test_ema_follows_its_warmup_formula_and_cadence():
-    model = torch.nn.Linear(1, 1, bias=False)
-    torch.nn.init.zeros_(model.weight)
-    ema = EMA(model, decay=0.5, warmup=True, update_every=2)
-    with torch.no_grad():
-        model.weight.fill_(1.0)
-    ema.update(model, step=1)  # not a multiple of update_every: no update
-    assert ema.model.weight.item() == 0.0 and ema.num_updates == 0
-    ema.update(model, step=2)  # first update: decay min(0.5, 1/10) = 0.1
-    assert ema.model.weight.item() == pytest.approx(0.9)
-    ema.update(model, step=4)  # second: decay min(0.5, 2/11)
-    assert ema.model.weight.item() == pytest.approx(0.9 * 2 / 11 + 9 / 11)
-    ema.update(model, step=6)  # third: min(0.5, 3/12) = 0.25
-    expected = (0.9 * 2 / 11 + 9 / 11) * 0.25 + 0.75
-    assert ema.model.weight.item() == pytest.approx(expected)
-    restored = EMA(model, decay=0.5)
-    restored.load_state_dict(ema.state_dict())
-    assert restored.num_updates == 3 and restored.model.weight.item() == pytest.approx(expected)
 
 
 class ReconstructionObjective(EpsilonObjective):

@@ -176,7 +176,7 @@ def test_diffusion_eval_of_a_checkpoint_writes_every_metric(conditional_checkpoi
     assert isinstance(result["metrics"]["broken_images"], int)
     assert 0 <= result["metrics"]["conditional_accuracy"] <= 1 and result["metrics"]["fd"] > 0
     assert result["num_images"] == 20 and result["source"]["checkpoint"] == str(conditional_checkpoint)
-    assert result["source"]["step"] == 4 and result["source"]["use_ema"]
+    assert result["source"]["step"] == 4 and result["source"]["weights"] == "ema_0.999"
 
 
 def test_a_sampler_sweep_ends_with_a_report_of_every_job(conditional_checkpoint, cache_dir, tmp_path):

@@ -14,7 +14,6 @@ import torch
 
 from diffusion.callbacks.checkpoint import write_checkpoint
 from diffusion.checkpoint import load_checkpoint, save_checkpoint
-from diffusion.ema import EMA
 from diffusion.signals import StopRequest
 from diffusion.train import train
 from tests.conftest import REPO, cli, compose_config, smoke_overrides
@@ -128,18 +127,6 @@ def test_a_second_ctrl_c_waits_for_the_final_checkpoint_and_otherwise_stops_at_o
             os.kill(os.getpid(), signal.SIGINT)  # while the final checkpoint is written: it is not cut short
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-
-
-def test_an_ema_starting_off_its_cadence_starts_from_the_weights():
-    """start_step 5, update_every 2: the first update (step 6) copies the weights; later ones average."""
-    model = torch.nn.Linear(1, 1, bias=False)
-    ema = EMA(model, decay=0.9, warmup=False, update_every=2, start_step=5)
-    for step in range(1, 9):
-        model.weight.data.fill_(float(step))
-        ema.update(model, step)
-        if step == 6:
-            assert ema.model.weight.item() == 6.0 and ema.num_updates == 1
-    assert ema.model.weight.item() == pytest.approx(0.9 * 6.0 + 0.1 * 8.0) and ema.num_updates == 2
 
 
 @pytest.mark.parametrize("device_recorded", [True, False], ids=["device_recorded", "older_checkpoint"])

@@ -33,7 +33,7 @@ def train_recipe(run_dir, *overrides: str, **extra) -> tuple[dict, dict, list[di
 def sampled(checkpoint, *overrides: str, seeds=(0, 1, 2, 3), **options) -> torch.Tensor:
     """Images from ``checkpoint`` as diffusion-sample draws them, with the sample config's ``overrides``."""
     cfg = compose_config("sample", [f"checkpoint={checkpoint}", "device=cpu", *overrides])
-    trained = load_trained(checkpoint, cfg.use_ema)
+    trained = load_trained(checkpoint, cfg.weights)
     model = trained.model
     images = generate(model, trained.schedule, trained.objective, instantiate(cfg.sampler), list(seeds),
                       (model.in_channels, model.image_size, model.image_size), **options)

@@ -64,7 +64,7 @@ def test_sampling_is_reproducible_per_seed_and_ema_differs_from_raw(checkpoint, 
     # 4 steps of Adam at lr 1e-3 move the raw weights by up to 4e-3; the EMA (decay 0.999) kept 0.4% of that
     state = load_checkpoint(checkpoint)
     assert max((state["model"][k] - v).abs().max().item() for k, v in state["ema"]["state_dict"].items()) > 1e-3
-    raw = first_image(tmp_path / "raw", "use_ema=false")
+    raw = first_image(tmp_path / "raw", "weights=raw")
     assert (raw.float() - a.float()).abs().mean().item() > 0.5  # grey levels, of 255
     # and each is the image of its own weights: sampled here from a model given the EMA or the raw weights
     sampler = instantiate(compose_config("sample", [f"checkpoint={checkpoint}"]).sampler)

@@ -181,7 +181,7 @@ def seed_file(tmp_path_factory):
 def test_a_seed_file_is_rebuilt_from_the_seed_recipe_with_the_t_the_user_gives(seed_file):
     path, seed_model = seed_file
     trained = load_trained(path, seed_format={"recipe": "seed_cars64", "noise_steps": 20})
-    assert isinstance(trained.model, SeedUNet) and not trained.use_ema and trained.state["converted_from"] == "seed"
+    assert isinstance(trained.model, SeedUNet) and trained.weights == "the seed file's" and trained.chosen.name == "raw" and trained.state["converted_from"] == "seed"
     assert trained.schedule.num_timesteps == 20 and trained.state["epoch"] == 61
     torch.testing.assert_close(trained.schedule.betas.double(), torch.linspace(1e-4, 0.02, 20, dtype=torch.float64))
     assert trained.objective.loss_name == "huber"  # the seed's smooth-L1 loss, for fine-tuning

@@ -32,6 +32,7 @@ def test_a_few_steps_on_digits_leave_the_documented_run_directory(tmp_path):
                      "grad_scaler", "rng", "config", "code_version"}
     assert expected_keys <= set(state)
     assert state["step"] == 6 and state["ema"]["num_updates"] == 6 and state["ema"]["decay"] == cfg.trainer.ema_decay
+    assert list(state["averages"]) == ["ema_0.999"] and state["averages"]["ema_0.999"] is state["ema"]
     assert "diffusion.models.UNet" in state["config"]
     from PIL import Image
 
@@ -51,9 +52,16 @@ def stop_with_sigterm_at(step: int, monkeypatch):
     monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
-def test_resuming_after_sigterm_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+# every kind of average at once, with SWA's learning rate annealing across the stop at step 5
+EVERY_AVERAGE = {"trainer.ema_decay": "[0.9,0.99]", "trainer.ema_sigma_rel": "[0.05,0.1]", "trainer.swa": "true",
+                 "trainer.swa_start_step": 3, "trainer.swa_lr": 1e-4, "trainer.swa_anneal_steps": 4,
+                 "callbacks.ema_snapshots.every": 2}
+
+
+@pytest.mark.parametrize("averages", [{}, EVERY_AVERAGE], ids=["default", "every_average"])
+def test_resuming_after_sigterm_equals_an_uninterrupted_run(tmp_path, monkeypatch, averages):
     overrides = smoke_overrides(**{"trainer.max_steps": 10, "callbacks.checkpoint.every": 100,
-                                   "model.dropout": 0.1, "dataset.random_flip": "true"})
+                                   "model.dropout": 0.1, "dataset.random_flip": "true", **averages})
     train(compose_config("train", overrides, tmp_path / "straight"))
 
     with monkeypatch.context() as patch:
@@ -68,8 +76,12 @@ def test_resuming_after_sigterm_equals_an_uninterrupted_run(tmp_path, monkeypatc
     resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
-    for key, value in straight["ema"]["state_dict"].items():
-        assert torch.equal(value, resumed["ema"]["state_dict"][key]), key
+    assert set(straight["averages"]) == set(resumed["averages"])
+    for name, average in straight["averages"].items():
+        assert average["num_updates"] == resumed["averages"][name]["num_updates"], name
+        for key, value in average["state_dict"].items():
+            assert torch.equal(value, resumed["averages"][name]["state_dict"][key]), (name, key)
+    assert resumed["ema"] == resumed["averages"][next(iter(resumed["averages"]))]
     assert (straight["epoch"], straight["batch_in_epoch"]) == (resumed["epoch"], resumed["batch_in_epoch"])
     def logged(run):  # everything but the timing
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -157,7 +169,8 @@ def test_a_callback_added_through_yaml_alone_runs_at_its_cadence_and_keeps_its_s
     overrides = smoke_overrides(**{"hydra.searchpath": f"[file://{tmp_path / 'conf'}]",
                                    "callbacks": "[default,count_steps]", "trainer.max_steps": 7})
     cfg = compose_config("train", overrides, tmp_path / "run")
-    assert list(cfg.callbacks) == ["metrics", "progress_bar", "sample_grid", "evaluation", "checkpoint", "count_steps"]
+    assert list(cfg.callbacks) == ["metrics", "progress_bar", "sample_grid", "evaluation", "ema_snapshots", "checkpoint",
+                                  "count_steps"]
     train(cfg)
     assert (tmp_path / "run" / "steps.txt").read_text().split() == ["3", "6", "7"]  # its cadence, and the last step
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["callbacks"]["count_steps"] == {

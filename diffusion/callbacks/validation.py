@@ -23,21 +23,24 @@ class ValidationLoss(Callback):
         bins: timestep bins, each reported on its own.
         batch_size: images per forward pass.
         seed: the seed of the fixed noise.
-        use_ema: measure the EMA weights instead of the trained ones.
+        weights: the weights measured: ``raw`` (the trained ones), ``ema`` (the first average) or an average's name.
     """
 
     order = 45  # before the checkpoint and the evaluation's best-keeping, after the metrics line
 
     def __init__(self, dataset, every: int = 500, num_images: int = 256, bins: int = 10, batch_size: int = 64,
-                 seed: int = 0, use_ema: bool = False) -> None:
+                 seed: int = 0, weights: str = "raw") -> None:
         if bins < 1 or num_images < bins:
             raise ValueError(f"callbacks.validation needs bins >= 1 and num_images >= bins, got {bins} and {num_images}")
         self.dataset, self.every, self.bins, self.batch_size = dataset, every, bins, batch_size
-        self.num_images, self.seed, self.use_ema = min(num_images, len(dataset)), seed, use_ema
+        self.num_images, self.seed, self.weights = min(num_images, len(dataset)), seed, weights
         self.fixed: dict[str, torch.Tensor] | None = None
 
     def on_fit_start(self, trainer) -> None:
         """Gather the images and draw their timesteps and noise, once."""
+        if self.weights not in ("raw", "ema", *trainer.averages.by_name):
+            raise ValueError(f"callbacks.validation.weights={self.weights!r} is not kept by this run: choose raw, ema"
+                             f" or one of {', '.join(trainer.averages.by_name)}")
         items = [self.dataset[i] for i in range(self.num_images)]
         images = torch.stack([image for image, _ in items])
         bins = torch.arange(self.num_images) % self.bins
@@ -54,7 +57,7 @@ class ValidationLoss(Callback):
     @torch.no_grad()
     def measure(self, trainer) -> dict[str, float]:
         """``val/loss`` and the loss of each timestep bin, at the current weights."""
-        model = trainer.ema.model if self.use_ema else trainer.model
+        model = {"raw": trainer.model, "ema": trainer.ema.model}.get(self.weights) or trainer.averages[self.weights].model
         was_training = model.training
         model.eval()
         fixed, losses = self.fixed, []
