@@ -80,7 +80,7 @@ def sample_checkpoint(cfg: DictConfig, device: torch.device, image_size: int, ch
         finally:
             hook.remove()
     source = {"checkpoint": str(cfg.checkpoint), "step": int(state.get("step", -1)), "weights": trained.weights,
-              **{key: trained.chosen.info[key] for key in ("sigma_rel",) if key in trained.chosen.info},
+              **{key: trained.chosen.info[key] for key in ("sigma_rel", "profile_error") if key in trained.chosen.info},
               "nfe": len(forward_calls) // num_batches}  # network evaluations per image (a guided pair counts once)
     return images, (torch.tensor(labels) if labels else None), source, class_names
 

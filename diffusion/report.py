@@ -35,7 +35,7 @@ def job_result(job_dir: Path) -> dict[str, Any] | None:
     """What one job measured: ``eval.json``'s metrics (and NFE), else the last logged training step."""
     if (job_dir / "eval.json").is_file():
         result = json.loads((job_dir / "eval.json").read_text())
-        extra = {key: result["source"][key] for key in ("nfe", "sigma_rel") if key in result.get("source", {})}
+        extra = {key: result["source"][key] for key in ("nfe", "sigma_rel", "profile_error") if key in result.get("source", {})}
         seconds = result.get("seconds", {}).get("images")
         per_image = {"seconds_per_image": seconds / result["num_images"]} if seconds and result.get("num_images") else {}
         return {**extra, **result["metrics"], **per_image}

@@ -17,6 +17,7 @@ METRIC_TITLES = {
     "inception_score": "Inception Score (higher is better)",
     "conditional_accuracy": "conditional accuracy (higher is better)",
     "broken_images": "broken images (lower is better)",
+    "profile_error": "post-hoc EMA: profile error (relative)",
     "seconds_per_image": "seconds per image",
     "loss": "loss",
 }

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import torch
 
-from diffusion.posthoc import combine_state_dicts, posthoc_coefficients, reconstruction_error, sigma_rel_to_gamma
+from diffusion.posthoc import (combine_state_dicts, gamma_to_sigma_rel, posthoc_coefficients, reconstruction_error,
+                              sigma_rel_to_gamma)
 
 log = logging.getLogger(__name__)
 
 # where the ema_snapshots callback writes, beside the run's checkpoints
 SNAPSHOT_FOLDER = "ema_snapshots"
+# a reconstruction whose averaging profile is further than this (relative L2) from the asked one gets a warning
+POOR_PROFILE = 0.05
 POSTHOC = re.compile(r"posthoc_rel(?P<sigma_rel>\d*\.?\d+(?:[eE]-?\d+)?)")
 
 
@@ -48,8 +51,9 @@ def primary_name(state: dict) -> str | None:
     """The name of the average ``weights=ema`` means (the one under the checkpoint's ``ema``)."""
     averages = averages_of(state)
     primary = state.get("ema")
-    return next((name for name, entry in averages.items() if entry is primary or entry == primary), None) \
-        if primary is not None else None
+    if primary is None:
+        return None
+    return next((name for name, entry in averages.items() if entry.get("state_dict") is primary.get("state_dict")), None)
 
 
 def power_snapshots(checkpoint: str | Path, state: dict) -> list[tuple[int, float, dict[str, torch.Tensor]]]:
@@ -85,6 +89,10 @@ def reconstruct(checkpoint: str | Path, state: dict, sigma_rel: float) -> Chosen
     weights = combine_state_dicts([weights for _, _, weights in snapshots], coefficients.tolist())
     log.info("reconstructed the power-function EMA of sigma_rel %g at step %d from %d snapshots (relative error of "
              "its averaging profile %.2g)", sigma_rel, target, len(snapshots), error)
+    if error > POOR_PROFILE:
+        log.warning("the snapshots span sigma_rel %g poorly (its averaging profile is %.0f%% off): lengths far outside "
+                    "the tracked ones (%s) need snapshots more often (callbacks.ema_snapshots.every)", sigma_rel,
+                    100 * error, ", ".join(sorted({f"{gamma_to_sigma_rel(g):.3g}" for _, g in profiles})))
     return ChosenWeights(f"posthoc_rel{sigma_rel!r}", weights, {"sigma_rel": sigma_rel, "gamma": gamma, "step": target,
                                                                "snapshots": len(snapshots), "profile_error": error})
 

@@ -221,3 +221,18 @@ def test_diffusion_posthoc_writes_a_checkpoint_that_describes_samples_and_refuse
     assert "posthoc_rel0.07         post-hoc EMA (EDM2), sigma_rel 0.07 at step 4, from 6 snapshots" in describe(written)
     with pytest.raises(ValueError, match="holds weights only .* init_from=PATH instead of resume"):
         train(compose_config("train", smoke_overrides(**{"trainer.max_steps": 6, "resume": written}), tmp_path / "r"))
+
+
+def test_a_length_the_snapshots_span_poorly_is_reconstructed_with_a_warning(tmp_path, caplog):
+    from diffusion.posthoc import sigma_rel_to_gamma as gamma_of
+    from diffusion.weights import reconstruct
+
+    state = {"step": 100, "averages": {
+        f"ema_rel{s}": {"kind": "power_ema", "num_updates": 100, "gamma": gamma_of(s), "sigma_rel": s,
+                        "state_dict": {"w": torch.full((2,), float(i))}} for i, s in enumerate((0.05, 0.1))}}
+    exact = reconstruct(tmp_path / "last.pt", state, 0.1)
+    assert exact.info["profile_error"] < 1e-12 and torch.equal(exact.state_dict["w"], torch.ones(2))
+    assert "span" not in caplog.text
+    poor = reconstruct(tmp_path / "last.pt", state, 0.25)
+    assert poor.info["profile_error"] > 0.05
+    assert "the snapshots span sigma_rel 0.25 poorly" in caplog.text and "tracked ones (0.05, 0.1)" in caplog.text

@@ -81,7 +81,7 @@ def test_resuming_after_sigterm_equals_an_uninterrupted_run(tmp_path, monkeypatc
         assert average["num_updates"] == resumed["averages"][name]["num_updates"], name
         for key, value in average["state_dict"].items():
             assert torch.equal(value, resumed["averages"][name]["state_dict"][key]), (name, key)
-    assert resumed["ema"] == resumed["averages"][next(iter(resumed["averages"]))]
+    assert resumed["ema"] is resumed["averages"][next(iter(resumed["averages"]))]  # stored once
     assert (straight["epoch"], straight["batch_in_epoch"]) == (resumed["epoch"], resumed["batch_in_epoch"])
     def logged(run):  # everything but the timing
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from diffusion.callbacks.base import Callback
 from diffusion.objectives import TrainingNoise
+
+log = logging.getLogger(__name__)
 
 
 class ValidationLoss(Callback):
@@ -52,7 +56,11 @@ class ValidationLoss(Callback):
 
     def on_step_end(self, trainer) -> None:
         if trainer.due(self.every):
-            trainer.log_metrics(self.measure(trainer))
+            metrics = self.measure(trainer)
+            trainer.log_metrics(metrics)
+            if trainer.is_main:
+                log.info("step %d/%d  val/loss %.4f (%s weights, %d held-out images)", trainer.step, trainer.max_steps,
+                         metrics["val/loss"], self.weights, self.num_images)
 
     @torch.no_grad()
     def measure(self, trainer) -> dict[str, float]:
