@@ -34,7 +34,7 @@ from diffusion.trainer import resolve_device
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("checkpoint", "images", "real_split")
+SOURCES = ("checkpoint", "images", "real_split", "cascade")
 register_resolvers()
 
 
@@ -90,7 +90,7 @@ def chosen_source(cfg: DictConfig) -> str:
     chosen = [name for name in SOURCES if cfg.get(name) not in (None, "")]
     if len(chosen) != 1:
         raise ValueError(f"diffusion-eval measures one source, got {chosen or 'none'}: pass exactly one of "
-                         "checkpoint=PATH, images=FOLDER or real_split=test")
+                         "checkpoint=PATH, images=FOLDER, real_split=test or cascade=<name>")
     if chosen == ["real_split"] and "split" not in cfg.dataset:
         raise ValueError(f"real_split={cfg.real_split!r} needs a data set with splits (e.g. dataset=digits); "
                          f"{cfg.dataset._target_} has none: use images=FOLDER with held-out images instead")
@@ -115,6 +115,47 @@ def images_to_measure(cfg: DictConfig, reference, device: torch.device):
     return images, dataset_labels(dataset), source, list(dataset.classes)
 
 
+def cascade_images(cfg: DictConfig, device: torch.device, image_size: int, channels: int):
+    """The final images of ``cfg.cascade`` (seed ``seed + i``, class ``i % num_classes``), their labels, the source
+    (with each super-resolution stage's consistency PSNR) and class names, and the bicubic baseline: the base
+    samples upsampled to the final size, with its consistency PSNR."""
+    from diffusion.cascade import bicubic_baseline, consistency, load_stages, sample_cascade
+
+    stages = load_stages(cfg.cascade, device)
+    final = stages[-1].trained.model
+    if (final.image_size, final.in_channels) != (image_size, channels):
+        raise ValueError(f"the cascade ends at {final.in_channels}-channel {final.image_size}x{final.image_size} "
+                         f"images but the reference data set has {channels}-channel {image_size}x{image_size} ones: "
+                         f"run with dataset.image_size={final.image_size} dataset.channels={final.in_channels}")
+    base = stages[0].trained
+    labels = cycled_labels(cfg.num_images, base.model.num_classes)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
+    with sampling_progress(len(stages) * -(-cfg.num_images // cfg.batch_size)) as progress:
+        images = sample_cascade(stages, seeds, labels, cfg.batch_size, progress)
+    batches = list(images.values())
+    source = {"cascade": {stage.name: {"checkpoint": str(stage.trained.state.get("posthoc_of", "")) or
+                                       str(cfg.cascade.stages[stage.name].checkpoint), "image_size": stage.image_size,
+                                       "weights": stage.trained.weights, "aug_level": stage.aug_level}
+                          for stage in stages},
+              "consistency_psnr": {stage.name: consistency(batches[i], batches[i - 1])
+                                   for i, stage in enumerate(stages) if i}}
+    baseline = bicubic_baseline(batches[0], final.image_size)
+    baseline_psnr = consistency(baseline, batches[0])
+    return batches[-1], (torch.tensor(labels) if labels else None), source, base.class_names, (baseline, baseline_psnr)
+
+
+def cascade_table(metrics: dict, source: dict) -> str:
+    """The cascade's metrics beside the bicubic baseline's, and each stage's consistency PSNR."""
+    baseline = source["bicubic_baseline"]
+    rows = [(key, metrics[key], baseline.get(key)) for key in metrics]
+    rows += [(f"consistency_psnr ({name})", value, None) for name, value in source["consistency_psnr"].items()]
+    rows.append(("consistency_psnr (bicubic)", None, baseline["consistency_psnr"]))
+    width = max(len(key) for key, _, _ in rows)
+    cell = lambda value: "" if value is None else f"{value:.6g}"  # noqa: E731
+    return "\n".join([f"{'metric':<{width}}  {'cascade':>10}  {'bicubic':>10}",
+                      *(f"{key:<{width}}  {cell(a):>10}  {cell(b):>10}" for key, a, b in rows)])
+
+
 def format_table(metrics: dict) -> str:
     """The metrics as an aligned two-column table."""
     rows = [(key, "n/a" if value is None else f"{value:.6g}") for key, value in metrics.items()]
@@ -131,7 +172,12 @@ def evaluate(cfg: DictConfig) -> dict:
     extractor = instantiate(cfg.features)
     reference_data = reference_dataset(cfg, split=cfg.reference_split)
     seconds = {"extractor": time.perf_counter() - start}
-    images, labels, source, class_names = images_to_measure(cfg, reference_data, device)
+    baseline = None
+    if chosen_source(cfg) == "cascade":
+        images, labels, source, class_names, baseline = cascade_images(cfg, device, reference_data.image_size,
+                                                                       reference_data.channels)
+    else:
+        images, labels, source, class_names = images_to_measure(cfg, reference_data, device)
     seconds["images"] = time.perf_counter() - start - sum(seconds.values())
     if cfg.save_images:
         save_images(images, out / "images")
@@ -143,6 +189,14 @@ def evaluate(cfg: DictConfig) -> dict:
     broken = find_broken(reference, images)
     metrics = compute_metrics(reference, features, probabilities, requested, broken, **cfg.metrics)
     seconds["metrics"] = time.perf_counter() - start - sum(seconds.values())
+    if baseline is not None:  # the same measurements of the base samples upsampled bicubically
+        baseline_images, baseline_psnr = baseline
+        baseline_features, baseline_probabilities = extract(extractor, in_batches(baseline_images, cfg.feature_batch_size),
+                                                            device)
+        source["bicubic_baseline"] = {
+            **compute_metrics(reference, baseline_features, baseline_probabilities, requested,
+                              find_broken(reference, baseline_images), **cfg.metrics),
+            "consistency_psnr": baseline_psnr}
     seconds["total"] = time.perf_counter() - start
     result = {
         "source": source,
@@ -157,10 +211,15 @@ def evaluate(cfg: DictConfig) -> dict:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    log.info("%d images (%s) against %d reference images (%s), features %s:\n%s", len(images),
-             ", ".join(f"{key}={value}" for key, value in source.items()),
-             len(reference_data), "cached" if reference["cached"] else "computed now", extractor.name,
-             format_table(metrics))
+    if baseline is None:
+        log.info("%d images (%s) against %d reference images (%s), features %s:\n%s", len(images),
+                 ", ".join(f"{key}={value}" for key, value in source.items()),
+                 len(reference_data), "cached" if reference["cached"] else "computed now", extractor.name,
+                 format_table(metrics))
+    else:
+        log.info("%d images of the cascade %s against %d reference images, features %s:\n%s", len(images),
+                 " -> ".join(source["cascade"]), len(reference_data), extractor.name,
+                 cascade_table(metrics, source))
     if len(broken):
         grid = save_grid(images[broken[:BROKEN_GRID_SIZE]], out / "broken.png")
         log.warning("%d of %d images are broken (high-frequency energy beyond the reference images'); the %d worst "

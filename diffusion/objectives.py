@@ -111,11 +111,13 @@ class Objective:
         generator: torch.Generator | None = None,
         class_labels: torch.Tensor | None = None,
         draws: TrainingNoise | None = None,
+        model_inputs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Per-image loss at uniformly drawn timesteps (DDPM Algorithm 1, lines 3-5).
 
         ``draws`` gives the timesteps, noise and dropped labels (``draw``); without it they are drawn here.
         A dropped label becomes the model's "no class" label (``p_uncond``, Ho & Salimans 2022).
+        ``model_inputs`` go to the network as keyword arguments (a super-resolution stage's low-resolution image).
         """
         if draws is None:
             draws = self.draw(schedule, tuple(x0.shape), x0.device, generator, class_labels is not None)
@@ -123,7 +125,7 @@ class Objective:
         if class_labels is not None and draws.drop_label is not None:
             class_labels = torch.where(draws.drop_label, torch.full_like(class_labels, model.null_label), class_labels)
         alpha, sigma = (v.view(-1, *([1] * (x0.ndim - 1))) for v in schedule.alpha_sigma(t))
-        output = model(schedule.q_sample(x0, t, noise), t, class_labels=class_labels).float()
+        output = model(schedule.q_sample(x0, t, noise), t, class_labels=class_labels, **(model_inputs or {})).float()
         target = self.target(x0.float(), noise.float(), alpha, sigma)
         per_image = LOSSES[self.loss_name](output, target, self.huber_delta).flatten(1).mean(dim=1)
         if self.weighting == "min_snr":

@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 
 def sample(cfg: DictConfig) -> Path:
     """Sample ``cfg.num_images`` images (image i from seed ``cfg.seed + i``); returns the grid's path."""
+    if cfg.get("cascade") is not None:
+        if cfg.checkpoint:
+            raise ValueError("pass either checkpoint=PATH or cascade=<name> (with the checkpoints of its stages), "
+                             "not both")
+        return sample_a_cascade(cfg)
+    if not cfg.checkpoint:
+        raise ValueError("diffusion-sample needs checkpoint=PATH, or cascade=<name> with "
+                         "cascade.stages.<stage>.checkpoint=PATH for each of its stages (conf/cascade/)")
     device = resolve_device(cfg.device)
     trained = load_trained(cfg.checkpoint, cfg.weights, device, OmegaConf.to_container(cfg.seed_format))
     model, schedule, objective, state, class_names = (trained.model, trained.schedule, trained.objective,
@@ -58,6 +66,32 @@ def sample(cfg: DictConfig) -> Path:
         save_images(images, out / "images", upscale=cfg.upscale)
     log.info("wrote %s%s", shown(grid), f" and {len(images)} images in {shown(out / 'images')}" if cfg.save_images else "")
     return grid
+
+
+def sample_a_cascade(cfg: DictConfig) -> Path:
+    """Sample through every stage of ``cfg.cascade``: each stage's grid and images, the stages side by side and a GIF
+    across them; returns the side-by-side figure's path."""
+    from diffusion.cascade import load_stages, sample_cascade, save_stages
+
+    device = resolve_device(cfg.device)
+    stages = load_stages(cfg.cascade, device)
+    base = stages[0].trained
+    labels, label_nrow = resolve_class_labels(cfg.class_label, cfg.num_images,
+                                              base.class_names if base.model.num_classes else None, cfg.nrow or 8)
+    num_images = len(labels) if labels is not None else cfg.num_images
+    seeds = list(range(cfg.seed, cfg.seed + num_images))
+    log.info("sampling %d images through the cascade %s", num_images,
+             " -> ".join(f"{stage.name} ({stage.image_size}px)" for stage in stages))
+    with sampling_progress(len(stages) * -(-num_images // cfg.batch_size)) as progress:
+        images = sample_cascade(stages, seeds, labels, cfg.batch_size, progress)
+    out = Path(cfg.paths.output_dir)
+    paths = save_stages(images, out, nrow=cfg.nrow or label_nrow or math.ceil(math.sqrt(num_images)))
+    if cfg.save_images:
+        for name, batch in images.items():
+            save_images(batch, out / "images" / name, upscale=cfg.upscale)
+    log.info("wrote %s (stages side by side), %s and %s", shown(paths["cascade"]), shown(paths["gif"]),
+             ", ".join(shown(paths[name]) for name in images))
+    return paths["cascade"]
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")

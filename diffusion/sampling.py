@@ -16,18 +16,23 @@ from diffusion.schedules import NoiseSchedule
 
 
 def guided_output(
-    model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, guidance_scale: float
+    model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, guidance_scale: float,
+    model_inputs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Classifier-free guidance: uncond + w (cond - uncond) in one batched call (Ho & Salimans 2022, Eq. 6).
 
     ``guidance_scale`` 1 is the conditional prediction alone, 0 the unconditional one (the "no class" label).
+    ``model_inputs``: further per-image inputs of the network (a super-resolution stage's low-resolution image).
     """
+    inputs = model_inputs or {}
     if class_labels is None or guidance_scale == 1.0:
-        return model(x_t, t, class_labels=class_labels).float()
+        return model(x_t, t, class_labels=class_labels, **inputs).float()
     null = torch.full_like(class_labels, model.null_label)
     if guidance_scale == 0.0:
-        return model(x_t, t, class_labels=null).float()
-    both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), class_labels=torch.cat([class_labels, null])).float()
+        return model(x_t, t, class_labels=null, **inputs).float()
+    doubled = {key: torch.cat([value, value]) for key, value in inputs.items()}
+    both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), class_labels=torch.cat([class_labels, null]),
+                 **doubled).float()
     conditional, unconditional = both.chunk(2)
     return unconditional + guidance_scale * (conditional - unconditional)
 
@@ -44,18 +49,27 @@ def check_guidance(model: nn.Module, class_labels: Sequence[int] | None, guidanc
                          "lacks: remove guidance_scale")
 
 
+def conditioning_of(model: nn.Module, low_res: Sequence[torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """A super-resolution stage's sampling inputs for low-resolution images (not augmented); None for other networks
+    (or no images)."""
+    if not hasattr(model, "sampling_inputs") or not low_res:
+        return None
+    return model.sampling_inputs(torch.stack(list(low_res)))
+
+
 def make_denoiser(
     model: nn.Module,
     objective: Objective,
     schedule: NoiseSchedule,
     class_labels: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    model_inputs: dict[str, torch.Tensor] | None = None,
 ) -> Denoiser:
     """Adapt a network to the sampler interface ``denoiser(x_t, t) -> (x0_hat, eps_hat)``."""
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         alpha, sigma = (v.view(-1, *([1] * (x_t.ndim - 1))) for v in schedule.alpha_sigma(t))
-        output = guided_output(model, x_t, t, class_labels, guidance_scale)
+        output = guided_output(model, x_t, t, class_labels, guidance_scale, model_inputs)
         return objective.to_x0_eps(output, x_t.float(), alpha, sigma)
 
     return denoise
@@ -73,8 +87,10 @@ def generate(
     batch_size: int = 64,
     callback: Callable[[dict], None] | None = None,
     guidance_scale: float = 1.0,
+    model_inputs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Sample one image per seed (in batches), returned on the CPU in [-1, 1]; ``class_labels`` one per seed."""
+    """Sample one image per seed (in batches), returned on the CPU in [-1, 1]; ``class_labels`` one per seed, and
+    each of ``model_inputs`` one row per seed (a super-resolution stage's low-resolution images)."""
     check_guidance(model, class_labels, guidance_scale)
     device = next(model.parameters()).device
     was_training = model.training
@@ -88,7 +104,8 @@ def generate(
             labels = None
             if class_labels is not None:
                 labels = torch.as_tensor(class_labels[start : start + batch_size], device=device, dtype=torch.long)
-            denoiser = make_denoiser(model, objective, schedule, labels, guidance_scale)
+            inputs = {key: value[start : start + batch_size].to(device) for key, value in (model_inputs or {}).items()}
+            denoiser = make_denoiser(model, objective, schedule, labels, guidance_scale, inputs)
             images.append(sampler(denoiser, x, schedule, generators, callback=callback).float().cpu())
     finally:
         model.train(was_training)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion import distributed
 from diffusion.callbacks import Callback
+from diffusion.data import LowResolutionPairs
 from diffusion.config import CONFIG_DIR, check_value_types, register_resolvers, resolve_num_classes
 from diffusion.errors import reported_errors
 from diffusion.rundir import checkpoint_to_resume, shown
@@ -51,6 +52,8 @@ def train(cfg: DictConfig) -> dict:
     for group in ("trainer", "model", "schedule", "objective", "optimizer", "lr_scheduler", "callbacks", "logger"):
         check_value_types(cfg.get(group), group)
     model = instantiate(cfg.model)
+    if getattr(model, "low_resolution", None):  # a super-resolution stage trains on each image at two sizes
+        dataset = LowResolutionPairs(dataset, model.low_resolution)
     schedule = instantiate(cfg.schedule)
     objective = instantiate(cfg.objective)
     optimizer = instantiate(cfg.optimizer)

@@ -248,18 +248,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for micro in range(self.accumulation_steps):
-            images, labels = next(batches)
+            images, labels, *extra = next(batches)  # extra: the further network inputs of pairs (low_res)
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True) if self.model.num_classes else None
-            if self.dataset.random_flip:
+            extra = [x.to(self.device, non_blocking=True) for x in extra]
+            if self.dataset.random_flip and extra:  # a pair's halves are mirrored together
+                images, *extra = random_hflip(images, self.generator, self.rows, self.batch_size, also=tuple(extra))
+            elif self.dataset.random_flip:
                 images = random_hflip(images, self.generator, self.rows, self.batch_size)
+            inputs = dict(zip(getattr(self.dataset, "input_names", ()), extra))
             shape = (self.batch_size, *images.shape[1:])
             draws = self.objective.draw(self.schedule, shape, self.device, self.generator, labels is not None)
             last = micro == self.accumulation_steps - 1  # gradients are averaged over processes once, at the end
             with self.network.no_sync() if self.network is not self.model and not last else nullcontext(), \
                     torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self.precision != "fp32"):
                 loss = self.objective.loss(self.network, self.schedule, images, class_labels=labels,
-                                           draws=draws.rows(self.rows)).mean()
+                                           draws=draws.rows(self.rows),
+                                           **({"model_inputs": inputs} if inputs else {})).mean()
                 self.scaler.scale(loss / self.accumulation_steps).backward()
             total += loss.detach() / self.accumulation_steps
         self.scaler.unscale_(self.optimizer)

@@ -14,10 +14,10 @@ from diffusion.loggers import Logger
 from diffusion.train import build_callbacks
 from tests.conftest import compose_config, smoke_overrides
 
-# the groups of conf/train.yaml (``study`` belongs to conf/eval.yaml)
+# the groups of conf/train.yaml (``study`` and ``cascade`` belong to conf/eval.yaml and conf/sample.yaml)
 # groups a user chooses (debug_model is chosen by debug and model together)
 GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir()
-                if p.is_dir() and p.name not in ("hydra", "paths", "study", "debug_model"))
+                if p.is_dir() and p.name not in ("hydra", "paths", "study", "cascade", "debug_model"))
 
 
 def options(group: str) -> list[str]:
@@ -32,7 +32,9 @@ def test_the_documented_groups_exist():
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_instantiates(group, option, tmp_path):
     overrides = {"trainer.device": "cpu"}
-    if group == "dataset" and option == "image_folder" or group == "experiment" and option != "digits":
+    if group == "model" and option.startswith("sr_"):  # a super-resolution stage upsamples from below the image size
+        overrides["model.low_resolution"] = 8
+    if group == "dataset" and option == "image_folder" or group == "experiment" and "digits" not in option:
         from PIL import Image
 
         for name in ("a", "b"):
@@ -87,11 +89,22 @@ def test_the_sampler_study_gives_each_sampler_the_steps_of_its_budget(sampler, n
 @pytest.mark.parametrize("model", options("model"))
 def test_debug_smoke_shrinks_every_model_of_the_group(model, tmp_path):
     """Each model has its smoke size (conf/debug_model/smoke_<model>.yaml), so debug=smoke works with any of them."""
-    cfg = compose_config("train", ["debug=smoke", f"model={model}", "trainer.device=cpu"], tmp_path)
+    low = ["model.low_resolution=8"] if model.startswith("sr_") else []  # below debug=smoke's 16x16
+    cfg = compose_config("train", ["debug=smoke", f"model={model}", "trainer.device=cpu", *low], tmp_path)
     network = instantiate(cfg.model)
     assert cfg.model.base_channels == 8 and sum(p.numel() for p in network.parameters()) < 500_000
     default = compose_config("train", [f"model={model}"], tmp_path)
     assert default.model.base_channels > 8  # without debug the model keeps its size
+
+
+@pytest.mark.parametrize("cascade", options("cascade"))
+def test_every_cascade_composes_with_sample_and_eval_and_names_its_stages(cascade):
+    for command in ("sample", "eval"):
+        cfg = compose_config(command, [f"cascade={cascade}"])
+        assert list(cfg.cascade.stages) and all(
+            {"checkpoint", "sampler", "steps", "weights"} <= set(stage) for stage in cfg.cascade.stages.values())
+        assert all((Path(CONFIG_DIR) / "sampler" / f"{stage.sampler}.yaml").is_file()
+                   for stage in cfg.cascade.stages.values())
 
 
 def test_a_typo_in_an_override_is_an_error():

@@ -231,7 +231,7 @@ def test_a_checkpoint_of_another_size_than_the_reference_names_the_fix(condition
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ([], "pass exactly one of checkpoint=PATH, images=FOLDER or real_split=test"),
+    ([], "pass exactly one of checkpoint=PATH, images=FOLDER, real_split=test or cascade=<name>"),
     (["real_split=test", "images=somewhere"], r"got \['images', 'real_split'\]"),
     (["real_split=test", "dataset=image_folder", "dataset.root=."], "real_split='test' needs a data set with splits"),
 ])

@@ -9,7 +9,7 @@ from diffusion.callbacks.base import Callback
 from diffusion.images import save_grid
 from diffusion.labels import resolve_class_labels
 from diffusion.rundir import shown
-from diffusion.sampling import generate
+from diffusion.sampling import conditioning_of, generate
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,15 @@ class SampleGrid(Callback):
         labels, per_row = resolve_class_labels("all" if classes else None, self.num_images, classes,
                                                per_row=max(1, self.num_images // (num_classes or 1)))
         dataset = trainer.dataset
+        count = len(labels) if labels else self.num_images
+        # a super-resolution stage upsamples the low-resolution halves of the data set's first pairs
+        lows = [dataset[i][2] for i in range(min(count, len(dataset)))] if hasattr(dataset, "input_names") else []
+        inputs = conditioning_of(trainer.ema.model, lows)
         images = generate(
             trainer.ema.model, trainer.schedule, trainer.objective, self.sampler,
-            list(range(len(labels) if labels else self.num_images)),
+            list(range(min(count, len(dataset)) if inputs else count)),
             (dataset.channels, dataset.image_size, dataset.image_size), labels, self.batch_size,
-            guidance_scale=self.guidance_scale,
+            guidance_scale=self.guidance_scale, model_inputs=inputs,
         )
         path = save_grid(images, trainer.run_dir / "samples" / f"step_{trainer.step}.png", nrow=per_row)
         trainer.logger.log_image("samples", path, trainer.step)

@@ -52,7 +52,10 @@ class ValidationLoss(Callback):
         t = ((edges[bins] + edges[bins + 1]) / 2).long().clamp(max=trainer.schedule.num_timesteps - 1)
         noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(self.seed))
         labels = torch.as_tensor([label for _, label in items]) if trainer.model.num_classes else None
-        self.fixed = {"images": images, "t": t, "noise": noise, "bins": bins, "labels": labels}
+        self.fixed = {"images": images, "t": t, "noise": noise, "bins": bins, "labels": labels, "low_res": None}
+        if low_resolution := getattr(trainer.model, "low_resolution", None):  # a super-resolution stage: pairs
+            low = self.dataset.with_image_size(low_resolution)
+            self.fixed["low_res"] = torch.stack([low[i][0] for i in range(self.num_images)])
 
     def on_step_end(self, trainer) -> None:
         if trainer.due(self.every):
@@ -74,8 +77,11 @@ class ValidationLoss(Callback):
                 rows = slice(start, start + self.batch_size)
                 draws = TrainingNoise(fixed["t"][rows].to(trainer.device), fixed["noise"][rows].to(trainer.device), None)
                 labels = None if fixed["labels"] is None else fixed["labels"][rows].to(trainer.device)
-                losses.append(trainer.objective.loss(model, trainer.schedule, fixed["images"][rows].to(trainer.device),
-                                                     class_labels=labels, draws=draws).float().cpu())
+                images = fixed["images"][rows].to(trainer.device)
+                inputs = {} if fixed["low_res"] is None else {
+                    "model_inputs": {"low_res": fixed["low_res"][rows].to(trainer.device)}}
+                losses.append(trainer.objective.loss(model, trainer.schedule, images, class_labels=labels, draws=draws,
+                                                     **inputs).float().cpu())
         finally:
             model.train(was_training)
         per_image = torch.cat(losses)

@@ -49,6 +49,10 @@ class DigitsDataset(TensorImageDataset):
         )
         self.split = split
 
+    def with_image_size(self, image_size: int) -> "DigitsDataset":
+        """The same digits at another size (the low-resolution half of super-resolution pairs)."""
+        return DigitsDataset(image_size, self.channels, self.random_flip, self.split)
+
     def fingerprint(self) -> str:
         """A short hex digest of the split, size and channels (the digits themselves ship with scikit-learn)."""
         served = {"digits": self.split, "image_size": self.image_size, "channels": self.channels}

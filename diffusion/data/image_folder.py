@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import logging
 import os
@@ -67,6 +69,12 @@ class ImageFolderDataset(Dataset):
             )
         self.skipped: set[int] = set()
         self.reading: torch.Tensor | None = None  # per loader worker: [pid, sample being read], in shared memory
+
+    def with_image_size(self, image_size: int) -> "ImageFolderDataset":
+        """The same files resized to another size (the low-resolution half of super-resolution pairs)."""
+        other = copy.copy(self)
+        other.image_size, other.skipped = image_size, set()
+        return other
 
     def track_workers(self, num_workers: int) -> None:
         """Keep, in shared memory, which file each of ``num_workers`` loader workers reads, so that a worker that

@@ -80,13 +80,15 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
 
 
 def random_hflip(images: torch.Tensor, generator: torch.Generator | None, rows: slice = slice(None),
-                 batch_size: int | None = None) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2.
+                 batch_size: int | None = None, also: tuple[torch.Tensor, ...] = ()):
+    """Mirror each image left-right with probability 1/2; with ``also``, return ``(images, *also)`` with each of
+    ``also`` (the low-resolution halves of pairs) mirrored where its image is.
 
     ``images`` are the ``rows`` of a batch of ``batch_size``: the coin flips are drawn for the whole batch.
     """
     flip = torch.rand(batch_size or images.shape[0], device=images.device, generator=generator)[rows] < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+    flipped = [torch.where(flip[:, None, None, None], x.flip(-1), x) for x in (images, *also)]
+    return tuple(flipped) if also else flipped[0]
 
 
 def worker_death(error: RuntimeError, dataset: Dataset, num_workers: int) -> str | None:

@@ -148,12 +148,16 @@ class UNet(nn.Module):
         t: torch.Tensor,
         class_labels: torch.Tensor | None = None,
         x_cond: torch.Tensor | None = None,
+        extra_embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predict from the noisy image ``x`` at timesteps ``t`` (one per image)."""
+        """Predict from the noisy image ``x`` at timesteps ``t`` (one per image); ``x_cond`` (``cond_channels``)
+        is concatenated to it, ``extra_embedding`` added to the time embedding."""
         self.check_image_size(x.shape[-2], x.shape[-1])
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.embed(t, class_labels)
+        if extra_embedding is not None:
+            emb = emb + extra_embedding
         if self.cond_channels:
             x = torch.cat([x, x_cond], dim=1)
         h = self.input_conv(x.contiguous(memory_format=self.memory_format))
