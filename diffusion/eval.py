@@ -133,9 +133,9 @@ def cascade_images(cfg: DictConfig, device: torch.device, image_size: int, chann
     with sampling_progress(len(stages) * -(-cfg.num_images // cfg.batch_size)) as progress:
         images = sample_cascade(stages, seeds, labels, cfg.batch_size, progress)
     batches = list(images.values())
-    source = {"cascade": {stage.name: {"checkpoint": str(stage.trained.state.get("posthoc_of", "")) or
-                                       str(cfg.cascade.stages[stage.name].checkpoint), "image_size": stage.image_size,
-                                       "weights": stage.trained.weights, "aug_level": stage.aug_level}
+    source = {"cascade": {stage.name: {"checkpoint": str(cfg.cascade.stages[stage.name].checkpoint),
+                                       "image_size": stage.image_size, "weights": stage.trained.weights,
+                                       "aug_level": stage.aug_level}
                           for stage in stages},
               "consistency_psnr": {stage.name: consistency(batches[i], batches[i - 1])
                                    for i, stage in enumerate(stages) if i}}
