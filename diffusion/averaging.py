@@ -25,6 +25,13 @@ def power_ema_name(sigma_rel: float) -> str:
     return f"ema_rel{float(sigma_rel)!r}"
 
 
+def as_list(value) -> list:
+    """A config value that may be one number, a list of them, or null, as a list."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, (int, float)) else list(value)
+
+
 class Average:
     """One average of the weights: an ``AveragedModel`` whose ``multi_avg_fn`` is chosen by the subclass.
 
@@ -167,18 +174,18 @@ class WeightAverages:
 
     Args:
         model: the network whose weights are averaged (each average starts as a copy).
-        ema_decays: one ``ExponentialAverage`` per decay (with ``ema_warmup``, ``ema_update_every``,
+        ema_decays: one ``ExponentialAverage`` per decay (a number: one) (with ``ema_warmup``, ``ema_update_every``,
             ``ema_start_step``).
         sigma_rels: one ``PowerFunctionAverage`` per relative standard deviation.
         swa: the settings of a ``StochasticWeightAverage`` (``start_step``, ``every``, ``decay``), or None.
     """
 
-    def __init__(self, model: nn.Module, ema_decays: list[float] = (0.999,), ema_warmup: bool = True,
-                 ema_update_every: int = 1, ema_start_step: int = 0, sigma_rels: list[float] = (),
+    def __init__(self, model: nn.Module, ema_decays: float | list[float] = (0.999,), ema_warmup: bool = True,
+                 ema_update_every: int = 1, ema_start_step: int = 0, sigma_rels: float | list[float] | None = (),
                  swa: dict | None = None) -> None:
         averages: list[Average] = [ExponentialAverage(model, d, ema_warmup, ema_update_every, ema_start_step)
-                                   for d in ema_decays]
-        averages += [PowerFunctionAverage(model, s) for s in sigma_rels]
+                                   for d in as_list(ema_decays)]
+        averages += [PowerFunctionAverage(model, s) for s in as_list(sigma_rels)]
         if swa is not None:
             averages.append(StochasticWeightAverage(model, **swa))
         if not averages:
@@ -213,6 +220,12 @@ class WeightAverages:
     def state_dict(self) -> dict[str, dict]:
         """Every average's ``state_dict`` by name."""
         return {name: average.state_dict() for name, average in self.by_name.items()}
+
+    def checkpoint_entries(self) -> dict[str, dict]:
+        """The checkpoint's ``averages`` by name, and ``ema``: the primary one's entry (the same tensors, stored
+        once), which checkpoints before several averages held alone."""
+        averages = self.state_dict()
+        return {"ema": averages[self.primary.name], "averages": averages}
 
     def load_state_dict(self, saved: dict[str, dict], legacy_ema: dict | None = None) -> None:
         """Restore the averages a checkpoint holds; one it lacks (added on resume) starts afresh from the current

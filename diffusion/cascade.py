@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 
-from diffusion.config import CONFIG_DIR, check_value_types
+from diffusion.config import sampler_from_config
 from diffusion.images import save_grid
 from diffusion.models.super_resolution import area_downsample, upsample
 from diffusion.pretrained import TrainedModel, load_trained
@@ -41,19 +40,6 @@ class Stage:
         return hasattr(self.trained.model, "sampling_inputs")
 
 
-def sampler_of(node: DictConfig):
-    """A stage's sampler: the ``sampler`` group's file of that name, with the stage's ``steps`` when given."""
-    path = Path(CONFIG_DIR) / "sampler" / f"{node.sampler}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ValueError(f"cascade sampler {node.sampler!r} is not known: choose one of {', '.join(known)}")
-    sampler = OmegaConf.load(path)
-    if node.get("steps") is not None:
-        sampler.steps = node.steps
-    check_value_types(sampler, "sampler")
-    return instantiate(sampler)
-
-
 def load_stages(cascade: DictConfig, device: torch.device) -> list[Stage]:
     """Every stage of ``cascade.stages`` in order, checked to chain: a base model first, then super-resolution stages
     whose low resolution is the previous stage's image size."""
@@ -62,7 +48,8 @@ def load_stages(cascade: DictConfig, device: torch.device) -> list[Stage]:
         if node.get("checkpoint") in (None, "???"):
             raise ValueError(f"cascade stage {name!r} has no checkpoint: pass cascade.stages.{name}.checkpoint=PATH")
         trained = load_trained(node.checkpoint, node.get("weights", "ema"), device)
-        stages.append(Stage(name, trained, sampler_of(node), float(node.get("guidance_scale", 1.0)),
+        sampler = sampler_from_config(node.sampler, node.get("steps"), f"cascade.stages.{name}.sampler")
+        stages.append(Stage(name, trained, sampler, float(node.get("guidance_scale", 1.0)),
                             float(node.get("aug_level", 0.0))))
     if not stages:
         raise ValueError("the cascade lists no stages (cascade.stages)")

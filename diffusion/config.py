@@ -124,3 +124,17 @@ def instantiate_from_checkpoint_config(config_yaml: str, keys: tuple[str, ...]) 
 
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def sampler_from_config(name: str, steps: int | None, key: str) -> Any:
+    """``conf/sampler/<name>.yaml``, with ``steps`` steps when given, ready to call; ``key`` names the setting that
+    chose it in the error for an unknown name."""
+    path = Path(CONFIG_DIR) / "sampler" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"{key}={name!r} has no conf/sampler/{name}.yaml; choose from {known}")
+    sampler = OmegaConf.load(path)
+    if steps is not None:
+        sampler.steps = steps
+    check_value_types(sampler, "sampler")
+    return instantiate(sampler)

@@ -34,11 +34,10 @@ class SWALearningRate:
             return None
         return {key: value for key, value in self.scheduler.state_dict().items() if not callable(value)}
 
-    def load_state_dict(self, state: dict | None, optimizer: torch.optim.Optimizer) -> None:
-        """Rebuild SWALR as saved; its construction moves the rate, so the optimizer's saved rates are put back."""
+    def load_state_dict(self, state: dict | None, optimizer: torch.optim.Optimizer, rates: list[float]) -> None:
+        """Rebuild SWALR as saved; its construction moves the rate, so the checkpoint's ``rates`` are put back."""
         if state is None:
             return
-        rates = [group["lr"] for group in optimizer.param_groups]
         self.scheduler = SWALR(optimizer, self.swa_lr, anneal_epochs=self.anneal_steps, anneal_strategy="cos")
         self.scheduler.load_state_dict(state)
         for group, rate in zip(optimizer.param_groups, rates):

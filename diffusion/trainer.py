@@ -104,8 +104,8 @@ class Trainer:
         self.compile, self.max_nonfinite_steps = compile, max_nonfinite_steps
         swa_start_step = swa_start_step if swa_start_step is not None else max(1, max_steps * 3 // 4)
         self.average_options = dict(
-            ema_decays=as_list(ema_decay), ema_warmup=ema_warmup, ema_update_every=ema_update_every,
-            ema_start_step=ema_start_step, sigma_rels=as_list(ema_sigma_rel),
+            ema_decays=ema_decay, ema_warmup=ema_warmup, ema_update_every=ema_update_every,
+            ema_start_step=ema_start_step, sigma_rels=ema_sigma_rel,
             swa=dict(start_step=swa_start_step, every=swa_every, decay=swa_decay) if swa else None)
         self.swa_lr = SWALearningRate(swa_start_step, swa_lr, swa_anneal_steps) if swa and swa_lr is not None else None
         self.world = distributed.init_process_group(timeout_minutes)
@@ -322,7 +322,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.world.size,
             "model": self.model.state_dict(),
-            **averages_entries(self.averages.state_dict(), self.averages.primary.name),
+            **self.averages.checkpoint_entries(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "swa_lr_scheduler": self.swa_lr.state_dict() if self.swa_lr is not None else None,
@@ -376,10 +376,8 @@ class Trainer:
                             f"{key} {old} -> {new}" for key, (old, new) in changed.items()),
                         self.step, self.optimizer.param_groups[0]["lr"])
         if self.swa_lr is not None:
-            self.swa_lr.load_state_dict(state.get("swa_lr_scheduler"), self.optimizer)
-            if state.get("swa_lr_scheduler") is not None:  # the schedule's replay above may have moved the rate
-                for group, saved in zip(self.optimizer.param_groups, state["optimizer"]["param_groups"]):
-                    group["lr"] = saved["lr"]
+            self.swa_lr.load_state_dict(state.get("swa_lr_scheduler"), self.optimizer,
+                                        [group["lr"] for group in state["optimizer"]["param_groups"]])
         ranks = [state["rng"], *state["rng"].get("ranks", [])]
         if len(ranks) == self.world.size:
             set_rng_state(ranks[self.world.rank])
@@ -391,16 +389,3 @@ class Trainer:
         for name, callback_state in state.get("callbacks", {}).items():
             if name in self.callbacks:
                 self.callbacks[name].load_state_dict(callback_state)
-
-
-def as_list(value) -> list:
-    """A config value that may be one item, a list of them, or null, as a list."""
-    if value is None:
-        return []
-    return [value] if isinstance(value, (int, float)) else list(value)
-
-
-def averages_entries(averages: dict[str, dict], primary: str) -> dict[str, dict]:
-    """The checkpoint's ``averages`` by name, and ``ema``: the primary one's entry (the same tensors, stored once),
-    which checkpoints before several averages held alone."""
-    return {"ema": averages[primary], "averages": averages}

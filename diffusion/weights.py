@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from diffusion.averaging import ema_name
 from diffusion.posthoc import (combine_state_dicts, gamma_to_sigma_rel, posthoc_coefficients, reconstruction_error,
                               sigma_rel_to_gamma)
 
@@ -43,7 +44,7 @@ def averages_of(state: dict) -> dict[str, dict]:
         return state["averages"]
     if "ema" in state:
         decay = state["ema"].get("decay")
-        return {f"ema_{float(decay)!r}" if decay is not None else "ema": state["ema"]}
+        return {ema_name(decay) if decay is not None else "ema": state["ema"]}
     return {}
 
 

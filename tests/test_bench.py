@@ -286,7 +286,7 @@ def test_seed_unet_is_timed_against_the_seeds_own_loop(tmp_path):
 
 
 def test_an_unknown_whole_sample_sampler_names_the_choices():
-    from diffusion.bench.whole_sample import sampler_from_config
+    from diffusion.config import sampler_from_config
 
     with pytest.raises(ValueError, match=r"whole_sample.sampler='ddpm2' has no conf/sampler/ddpm2.yaml; choose from \[.*'ddim'"):
-        sampler_from_config("ddpm2", 20)
+        sampler_from_config("ddpm2", 20, "whole_sample.sampler")

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from diffusion.bench.measure import timed
 from diffusion.bench.workloads import ModelSetup, Parts, build_model, seed_loop_sample
-from diffusion.config import CONFIG_DIR
+from diffusion.config import sampler_from_config
 from diffusion.samplers import image_generators, randn_per_image
 from diffusion.sampling import generate
-
-SAMPLER_DIR = Path(CONFIG_DIR) / "sampler"
-
-
-def sampler_from_config(name: str, steps: int):
-    """``conf/sampler/<name>.yaml`` with ``steps`` steps, ready to call."""
-    path = SAMPLER_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ValueError(f"whole_sample.sampler={name!r} has no conf/sampler/{name}.yaml; choose from {known}")
-    return instantiate(OmegaConf.merge(OmegaConf.load(path), {"steps": steps}))
-
 
 def whole_sample(setup: ModelSetup, parts: Parts, weights: dict[str, torch.Tensor], sampler: str, steps: int,
                  device: torch.device, seed: int) -> dict:
@@ -37,7 +21,7 @@ def whole_sample(setup: ModelSetup, parts: Parts, weights: dict[str, torch.Tenso
     schedule, n = parts.schedule.to(device), setup.sample_batch_size
     shape = (setup.channels, setup.image_size, setup.image_size)
     seeds = list(range(seed, seed + n))
-    sample_fn = sampler_from_config(sampler, steps)
+    sample_fn = sampler_from_config(sampler, steps, "whole_sample.sampler")
     with torch.no_grad():  # one untimed evaluation each: one-time set-up is not the sampler's cost
         x, t = torch.zeros(n, *shape, device=device), torch.zeros(n, dtype=torch.long, device=device)
         platform(x, t)
