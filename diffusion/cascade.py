@@ -14,7 +14,8 @@ from PIL import Image
 
 from diffusion.config import sampler_from_config
 from diffusion.images import save_grid
-from diffusion.models.super_resolution import area_downsample, upsample
+from diffusion.data.resize import area_downsample
+from diffusion.models.super_resolution import upsample
 from diffusion.pretrained import TrainedModel, load_trained
 from diffusion.sampling import generate
 

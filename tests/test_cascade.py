@@ -10,7 +10,8 @@ from PIL import Image
 
 from diffusion.cascade import bicubic_baseline, consistency, psnr
 from diffusion.models import SuperResolutionUNet
-from diffusion.models.super_resolution import area_downsample, augment
+from diffusion.data.resize import area_downsample
+from diffusion.models.super_resolution import augment
 from diffusion.train import train
 from tests.conftest import cli, compose_config, smoke_overrides
 
@@ -58,13 +59,18 @@ def test_training_draws_an_augmentation_level_per_image_and_sampling_augments_on
         model.sampling_inputs(torch.randn(4, 1, 16, 16))
 
 
-def test_pairs_are_each_image_at_two_sizes_and_flip_together():
+def test_pairs_are_each_image_beside_its_downsampling_and_flip_together():
     from diffusion.data import DigitsDataset, LowResolutionPairs, random_hflip
 
     pairs = LowResolutionPairs(DigitsDataset(image_size=16, split="test"), low_resolution=8)
     image, label, low = pairs[5]
     assert torch.equal(image, DigitsDataset(image_size=16, split="test")[5][0]) and label == pairs.high[5][1]
-    assert torch.equal(low, DigitsDataset(image_size=8, split="test")[5][0])  # made as the data set makes 8x8 ones
+    # the 2x2 block means: a stage's consistency on its own training pairs is exact (it was 20.4 dB when the low
+    # image was the data set's own 8x8 digit, which a 16x16 digit does not box-filter down to)
+    assert torch.equal(low[0, 2, 3], image[0, 4:6, 6:8].mean())
+    batch_images, batch_labels, batch_lows = pairs.__getitems__([0, 5, 7])
+    assert consistency(batch_images, batch_lows) == math.inf and torch.equal(batch_lows[1], low)
+    assert batch_labels.tolist() == [pairs[0][1], label, pairs[7][1]]
     assert pairs.image_size == 16 and pairs.num_classes == 10 and len(pairs) == 360
     images = torch.stack([pairs[i][0] for i in range(12)])
     lows = torch.stack([pairs[i][2] for i in range(12)])
@@ -130,3 +136,29 @@ def test_a_cascade_whose_stages_do_not_chain_is_refused(tmp_path):
                  f"cascade.stages.sr32.checkpoint={checkpoint}", cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert "cascade stage 'sr32' is not a super-resolution stage" in result.stdout + result.stderr
+
+
+def test_a_data_set_downsampled_from_a_larger_size_is_the_pyramid_level_below_it():
+    from diffusion.data import DigitsDataset
+
+    base = DigitsDataset(image_size=8, split="test", downsample_from=32)
+    top = DigitsDataset(image_size=32, split="test")
+    assert torch.equal(base.images, area_downsample(top.images, 8))
+    assert not torch.allclose(base.images, DigitsDataset(image_size=8, split="test").images, atol=0.1)
+    assert base.fingerprint() != DigitsDataset(image_size=8, split="test").fingerprint()
+    with pytest.raises(ValueError, match=r"dataset.downsample_from=12 must be a multiple of dataset.image_size=8 "
+                                         r"larger than it"):
+        DigitsDataset(image_size=8, downsample_from=12)
+
+
+def test_an_image_folder_downsampled_from_a_larger_size_is_box_filtered(tmp_path):
+    from diffusion.data import ImageFolderDataset
+
+    folder = tmp_path / "data" / "a"
+    folder.mkdir(parents=True)
+    pixels = torch.randint(0, 256, (16, 16, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(folder / "noise.png")
+    low = ImageFolderDataset(tmp_path / "data", image_size=4, downsample_from=16, random_flip=False)[0][0]
+    assert torch.allclose(low, area_downsample(pixels.permute(2, 0, 1)[None].float() / 255 * 2 - 1, 4)[0], atol=1e-6)
+    with pytest.raises(ValueError, match="dataset.downsample_from=4 must be a multiple of dataset.image_size=4"):
+        ImageFolderDataset(tmp_path / "data", image_size=4, downsample_from=4)

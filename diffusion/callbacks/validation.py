@@ -7,6 +7,7 @@ import logging
 import torch
 
 from diffusion.callbacks.base import Callback
+from diffusion.data.resize import area_downsample
 from diffusion.objectives import TrainingNoise
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,7 @@ class ValidationLoss(Callback):
         labels = torch.as_tensor([label for _, label in items]) if trainer.model.num_classes else None
         self.fixed = {"images": images, "t": t, "noise": noise, "bins": bins, "labels": labels, "low_res": None}
         if low_resolution := getattr(trainer.model, "low_resolution", None):  # a super-resolution stage: pairs
-            low = self.dataset.with_image_size(low_resolution)
-            self.fixed["low_res"] = torch.stack([low[i][0] for i in range(self.num_images)])
+            self.fixed["low_res"] = area_downsample(images, low_resolution)
 
     def on_step_end(self, trainer) -> None:
         if trainer.due(self.every):

@@ -8,6 +8,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from diffusion.data.resize import area_downsample, check_downsample_from
 from diffusion.data.tensor import TensorImageDataset
 
 
@@ -20,11 +21,14 @@ class DigitsDataset(TensorImageDataset):
         random_flip: digits are not mirror-symmetric, so this defaults to False.
         split: ``all`` (1,797 images), or the fixed stratified ``train`` (80%) / ``test`` (20%) halves used
             to measure quality on held-out digits.
+        downsample_from: make the digits at this size, then box-filter them down to ``image_size``: the lower
+            levels of a super-resolution cascade, each the exact downsampling of the one above (null: directly).
     """
 
     SPLITS = ("all", "train", "test")
 
-    def __init__(self, image_size: int = 16, channels: int = 1, random_flip: bool = False, split: str = "all") -> None:
+    def __init__(self, image_size: int = 16, channels: int = 1, random_flip: bool = False, split: str = "all",
+                 downsample_from: int | None = None) -> None:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
@@ -34,26 +38,27 @@ class DigitsDataset(TensorImageDataset):
             raise ValueError(f"dataset.channels must be 1 or 3, got {channels}")
         if image_size < 8:
             raise ValueError(f"dataset.image_size must be at least 8 for the 8x8 digits, got {image_size}")
+        check_downsample_from(image_size, downsample_from)
         digits = load_digits()
         index = list(range(len(digits.target)))
         if split != "all":
             train, test = train_test_split(index, test_size=0.2, random_state=0, stratify=digits.target)
             index = sorted(train if split == "train" else test)
         images = torch.as_tensor(digits.images[index], dtype=torch.float32)[:, None] / 16.0
-        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        made = downsample_from or image_size
+        images = F.interpolate(images, size=(made, made), mode="bilinear", align_corners=False)
+        images = area_downsample(images, image_size)
         super().__init__(
             images=(images.clamp(0, 1) * 2 - 1).expand(-1, channels, -1, -1).contiguous(),
             labels=torch.as_tensor(digits.target[index], dtype=torch.long),
             classes=[str(i) for i in range(10)],
             random_flip=random_flip,
         )
-        self.split = split
-
-    def with_image_size(self, image_size: int) -> "DigitsDataset":
-        """The same digits at another size (the low-resolution half of super-resolution pairs)."""
-        return DigitsDataset(image_size, self.channels, self.random_flip, self.split)
+        self.split, self.downsample_from = split, downsample_from
 
     def fingerprint(self) -> str:
         """A short hex digest of the split, size and channels (the digits themselves ship with scikit-learn)."""
         served = {"digits": self.split, "image_size": self.image_size, "channels": self.channels}
+        if self.downsample_from:
+            served["downsample_from"] = self.downsample_from
         return hashlib.sha256(json.dumps(served, sort_keys=True).encode()).hexdigest()[:16]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import hashlib
 import logging
 import os
@@ -13,6 +11,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, get_worker_info
 from torchvision.transforms import functional as TF
+
+from diffusion.data.resize import area_downsample, check_downsample_from
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,15 @@ class ImageFolderDataset(Dataset):
         image_size: side of the square training images.
         channels: 3 (RGB) or 1 (grayscale).
         random_flip: flip images horizontally at random during training.
+        downsample_from: read each image at this size, then box-filter it down to ``image_size``: the lower levels
+            of a super-resolution cascade, each the exact downsampling of the one above (null: directly).
     """
 
-    def __init__(self, root: str | None, image_size: int = 64, channels: int = 3, random_flip: bool = True) -> None:
+    def __init__(self, root: str | None, image_size: int = 64, channels: int = 3, random_flip: bool = True,
+                 downsample_from: int | None = None) -> None:
         if channels not in (1, 3):
             raise ValueError(f"dataset.channels must be 1 or 3, got {channels}")
+        check_downsample_from(image_size, downsample_from)
         if root is None or str(root) in ("", "???"):
             raise ValueError("dataset.root is not set: run with dataset.root=/path/to/images")
         self.root = Path(root).expanduser()
@@ -50,6 +54,7 @@ class ImageFolderDataset(Dataset):
         self.image_size = image_size
         self.channels = channels
         self.random_flip = random_flip
+        self.downsample_from = downsample_from
         class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         self.samples: list[tuple[Path, int]] = []
         self.classes: list[str] = []
@@ -69,12 +74,6 @@ class ImageFolderDataset(Dataset):
             )
         self.skipped: set[int] = set()
         self.reading: torch.Tensor | None = None  # per loader worker: [pid, sample being read], in shared memory
-
-    def with_image_size(self, image_size: int) -> "ImageFolderDataset":
-        """The same files resized to another size (the low-resolution half of super-resolution pairs)."""
-        other = copy.copy(self)
-        other.image_size, other.skipped = image_size, set()
-        return other
 
     def track_workers(self, num_workers: int) -> None:
         """Keep, in shared memory, which file each of ``num_workers`` loader workers reads, so that a worker that
@@ -98,7 +97,8 @@ class ImageFolderDataset(Dataset):
 
     def fingerprint(self) -> str:
         """A short hex digest of the size and channels served and of every file's path under root, size and mtime."""
-        digest = hashlib.sha256(f"{self.image_size}px {self.channels}ch\n".encode())
+        made = f" from {self.downsample_from}px" if self.downsample_from else ""
+        digest = hashlib.sha256(f"{self.image_size}px{made} {self.channels}ch\n".encode())
         for path, _ in self.samples:
             try:
                 stat = path.stat()
@@ -109,12 +109,13 @@ class ImageFolderDataset(Dataset):
         return digest.hexdigest()[:16]
 
     def load(self, path: Path) -> torch.Tensor:
-        """Decode, convert, resize on the shorter side, centre-crop, scale to [-1, 1]."""
+        """Decode, convert, resize on the shorter side, centre-crop, scale to [-1, 1] (and box-filter down)."""
+        made = self.downsample_from or self.image_size
         with Image.open(path) as image:
             image = image.convert("RGB" if self.channels == 3 else "L")
-            image = TF.resize(image, self.image_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-            image = TF.center_crop(image, self.image_size)
-            return TF.to_tensor(image) * 2 - 1
+            image = TF.resize(image, made, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+            image = TF.center_crop(image, made)
+            return area_downsample(TF.to_tensor(image)[None] * 2 - 1, self.image_size)[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         worker = get_worker_info() if self.reading is not None else None

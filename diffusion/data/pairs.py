@@ -1,46 +1,48 @@
-"""Super-resolution pairs: each image of a data set at two sizes, both made from its source the way the data set
-makes its images, so a stage learns from the same low-resolution images a base model trained on the data set at that
-size generates."""
+"""Super-resolution pairs made as SR3 and Imagen make theirs: each image beside itself box-filtered down, so the
+stage's consistency (its output downsampled against its input) holds exactly on what it learns from."""
 
 from __future__ import annotations
 
 import torch
 from torch.utils.data import Dataset
 
+from diffusion.data.resize import area_downsample
+
 
 class LowResolutionPairs(Dataset):
-    """``pairs[i]`` is ``(image, label, low_res)``: the data set's image i at its size and at ``low_resolution``.
+    """``pairs[i]`` is ``(image, label, low_res)``: the data set's image i and its ``area_downsample`` to
+    ``low_resolution``.
 
-    It serves the ``ImageDataset`` attributes of the high-resolution data set; ``input_names`` says which network
-    input each extra item of a sample is.
+    A base model for the stage trains on the same low-resolution images with ``dataset.downsample_from`` set to the
+    stage's image size. It serves the ``ImageDataset`` attributes of the high-resolution data set; ``input_names``
+    says which network input each extra item of a sample is.
     """
 
     input_names = ("low_res",)
 
     def __init__(self, dataset, low_resolution: int) -> None:
-        if not hasattr(dataset, "with_image_size"):
-            raise ValueError(f"{type(dataset).__name__} cannot serve its images at a second size (with_image_size), "
-                             "which a super-resolution stage trains on")
-        self.high, self.low = dataset, dataset.with_image_size(low_resolution)
-        self.low_resolution = low_resolution
+        if dataset.image_size % low_resolution:
+            raise ValueError(f"model.low_resolution={low_resolution} must divide dataset.image_size="
+                             f"{dataset.image_size}: the low-resolution images are box-filtered from the data")
+        self.high, self.low_resolution = dataset, low_resolution
 
     def __len__(self) -> int:
         return len(self.high)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         image, label = self.high[index]
-        return image, label, self.low[index][0]
+        return image, label, area_downsample(image[None], self.low_resolution)[0]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A whole batch: by indexing where the data set can (tensors in memory), else image by image."""
         if hasattr(self.high, "__getitems__"):
             images, labels = self.high.__getitems__(indices)
-            return images, labels, self.low.__getitems__(indices)[0]
-        items = [self[index] for index in indices]
-        return (torch.stack([image for image, _, _ in items]), torch.tensor([label for _, label, _ in items]),
-                torch.stack([low for _, _, low in items]))
+        else:
+            items = [self.high[index] for index in indices]
+            images, labels = torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
+        return images, labels, area_downsample(images, self.low_resolution)
 
     def __getattr__(self, name: str):
-        if name.startswith("__") or name in ("high", "low"):  # dunders, or not set yet (unpickling in a worker)
+        if name.startswith("__") or name == "high":  # dunders, or not set yet (unpickling in a worker)
             raise AttributeError(name)
         return getattr(self.high, name)

@@ -14,15 +14,6 @@ from diffusion.models.layers import sinusoidal_embedding, zero_init
 from diffusion.models.unet import UNet
 
 
-def area_downsample(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Each output pixel the mean of the block of input pixels it covers (an exact box filter for integer factors)."""
-    if images.shape[-1] % size or images.shape[-2] % size:
-        raise ValueError(f"cannot downsample {images.shape[-2]}x{images.shape[-1]} images to {size}x{size}: the low "
-                         "resolution must divide the image size")
-    factor = images.shape[-1] // size
-    return F.avg_pool2d(images, factor) if factor > 1 else images
-
-
 def upsample(images: torch.Tensor, size: int) -> torch.Tensor:
     """Bicubic upsampling to ``size`` (the cascade's input to a stage, and the baseline it must beat)."""
     return F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
