@@ -83,6 +83,10 @@ class Objective:
         """The squared error of this target divided by the squared error of the implied x_0."""
         raise NotImplementedError
 
+    def network_input(self, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """What the network is given for x_t = alpha x_0 + sigma eps: x_t itself, unless the objective scales it."""
+        return x_t
+
     def check_schedule(self, schedule: NoiseSchedule) -> None:
         """Raise a ValueError naming the fix when this objective cannot be used with ``schedule``."""
 
@@ -93,15 +97,20 @@ class Objective:
         Drawn in this order from ``generator``; a multi-process run draws them for the whole batch on every
         process and keeps its own rows, so a run's randomness does not depend on its number of processes.
         """
-        if not 0 <= self.min_timestep < schedule.num_timesteps:
-            raise ValueError(f"objective.min_timestep={self.min_timestep} must lie in [0, {schedule.num_timesteps - 1}] "
-                             "(the schedule's timesteps)")
-        t = torch.randint(self.min_timestep, schedule.num_timesteps, shape[:1], device=device, generator=generator)
+        t = self.draw_timesteps(schedule, shape[0], device, generator)
         noise = torch.randn(shape, device=device, generator=generator)
         drop_label = None
         if conditional and self.p_uncond > 0:
             drop_label = torch.rand(shape[:1], device=device, generator=generator) < self.p_uncond
         return TrainingNoise(t, noise, drop_label)
+
+    def draw_timesteps(self, schedule: NoiseSchedule, count: int, device: torch.device,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training timesteps drawn uniformly from ``min_timestep`` to the last (DDPM Algorithm 1, line 3)."""
+        if not 0 <= self.min_timestep < schedule.num_timesteps:
+            raise ValueError(f"objective.min_timestep={self.min_timestep} must lie in [0, {schedule.num_timesteps - 1}] "
+                             "(the schedule's timesteps)")
+        return torch.randint(self.min_timestep, schedule.num_timesteps, (count,), device=device, generator=generator)
 
     def loss(
         self,
@@ -125,7 +134,9 @@ class Objective:
         if class_labels is not None and draws.drop_label is not None:
             class_labels = torch.where(draws.drop_label, torch.full_like(class_labels, model.null_label), class_labels)
         alpha, sigma = (v.view(-1, *([1] * (x0.ndim - 1))) for v in schedule.alpha_sigma(t))
-        output = model(schedule.q_sample(x0, t, noise), t, class_labels=class_labels, **(model_inputs or {})).float()
+        x_t = schedule.q_sample(x0, t, noise) if not t.is_floating_point() else alpha * x0 + sigma * noise
+        output = model(self.network_input(x_t, alpha, sigma), t, class_labels=class_labels,
+                       **(model_inputs or {})).float()
         target = self.target(x0.float(), noise.float(), alpha, sigma)
         per_image = LOSSES[self.loss_name](output, target, self.huber_delta).flatten(1).mean(dim=1)
         if self.weighting == "min_snr":
@@ -178,3 +189,61 @@ class VObjective(Objective):
 
     def x0_error_scale(self, snr):
         return snr + 1
+
+
+class EDMObjective(Objective):
+    """EDM's preconditioned denoiser D(x; s) = c_skip(s) x + c_out(s) F(c_in(s) x; c_noise(s)), trained at noise
+    levels ln s ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1 and Eq. 7).
+
+    With x = x_t / alpha the variance-exploding image and s = sigma / alpha its noise level:
+    c_in = 1 / sqrt(s^2 + sigma_data^2), c_skip = sigma_data^2 / (s^2 + sigma_data^2), c_out = s sigma_data /
+    sqrt(s^2 + sigma_data^2). The network F is asked for (x_0 - c_skip x) / c_out, so the plain squared error of
+    its output is EDM's loss lambda(s) c_out(s)^2 ||F - target||^2 with lambda = 1 / c_out^2: ``weighting=uniform``
+    is EDM's weighting. The network's time input is the fractional timestep of s on the schedule (with
+    schedule=edm an affine function of c_noise = ln(s) / 4).
+
+    Args:
+        sigma_data: the standard deviation of the training images (EDM uses 0.5 for images in [-1, 1]).
+        P_mean, P_std: mean and standard deviation of ln s during training (EDM: -1.2 and 1.2).
+        (the rest as ``Objective``; ``min_timestep`` is not used: the noise levels are drawn by P_mean, P_std.)
+    """
+
+    def __init__(self, sigma_data: float = 0.5, P_mean: float = -1.2, P_std: float = 1.2, **objective) -> None:
+        super().__init__(**objective)
+        if sigma_data <= 0 or P_std <= 0:
+            raise ValueError(f"objective.sigma_data and objective.P_std must be positive, got {sigma_data} and {P_std}")
+        self.sigma_data, self.P_mean, self.P_std = sigma_data, P_mean, P_std
+
+    def check_schedule(self, schedule):
+        if schedule.zero_terminal_snr:
+            raise ValueError("objective=edm needs finite noise levels, and this zero-terminal-SNR schedule ends at an "
+                             "infinite one: use schedule=edm (EDM's levels, 0.002 to 80), or set "
+                             "schedule.rescale_zero_terminal_snr=false")
+
+    def preconditioning(self, alpha: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(c_skip, c_out, c_in) at the noise level s = sigma / alpha (EDM Table 1, "Network and preconditioning")."""
+        s, sd = sigma / alpha, self.sigma_data
+        total = s**2 + sd**2
+        return sd**2 / total, s * sd / total.sqrt(), total.rsqrt()
+
+    def network_input(self, x_t, alpha, sigma):
+        return x_t / alpha * self.preconditioning(alpha, sigma)[2]
+
+    def target(self, x0, noise, alpha, sigma):
+        c_skip, c_out, _ = self.preconditioning(alpha, sigma)
+        return (x0 - c_skip * (x0 + sigma / alpha * noise)) / c_out
+
+    def to_x0_eps(self, output, x_t, alpha, sigma):
+        c_skip, c_out, _ = self.preconditioning(alpha, sigma)
+        x0 = c_skip * x_t / alpha + c_out * output
+        return x0, (x_t - alpha * x0) / sigma
+
+    def x0_error_scale(self, snr):
+        s2 = 1.0 / snr  # the squared noise level: the x_0 error is c_out^2 times the network's
+        return (s2 + self.sigma_data**2) / (s2 * self.sigma_data**2)
+
+    def draw_timesteps(self, schedule, count, device, generator=None):
+        """Noise levels ln s ~ N(P_mean, P_std^2) as fractional timesteps of ``schedule`` (EDM Table 1, "Training");
+        levels beyond the schedule's range are clamped to it."""
+        log_sigma = self.P_mean + self.P_std * torch.randn((count,), device=device, generator=generator)
+        return schedule.sigma_to_t(log_sigma.exp())

@@ -1,5 +1,6 @@
-"""A report of every sweep: what each job measured beside its overrides, the jobs that failed and why, and for an
-Optuna study its best trial and the objective against each searched parameter."""
+"""A report of every sweep: what each job measured beside its overrides, the jobs that failed and why, for an
+Optuna study its best trial and the objective against each searched parameter, and for a time-to-quality study
+every in-training evaluation of every job and the training time each line took to reach a target."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import logging
 import math
 import os
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from hydra.core.utils import JobReturn, JobStatus
@@ -21,6 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion.evaluation import LOWER_IS_BETTER, beats
 from diffusion.sweeps import SWEEP_CONFIG, load_sweep_config, searched_parameters
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,15 @@ log = logging.getLogger(__name__)
 JOB_RETURN = Path(".hydra") / "job_return.json"
 # the columns of a report row that are not measurements
 ROW_KEYS = ("job", "overrides", "value", "status", "error", "rank")
+# what ``plot.points`` may say: each job's final measurement (unset) or each in-training evaluation of each job
+POINTS = ("evaluations",)
+T = TypeVar("T")
+
+
+def metrics_lines(job_dir: Path) -> list[dict[str, Any]]:
+    """The lines of a job's ``metrics.jsonl`` (none when it has none)."""
+    path = job_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
 def job_result(job_dir: Path) -> dict[str, Any] | None:
@@ -39,11 +50,16 @@ def job_result(job_dir: Path) -> dict[str, Any] | None:
         seconds = result.get("seconds", {}).get("images")
         per_image = {"seconds_per_image": seconds / result["num_images"]} if seconds and result.get("num_images") else {}
         return {**extra, **result["metrics"], **per_image}
-    if (job_dir / "metrics.jsonl").is_file():
-        lines = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines() if line]
-        training = [line for line in lines if "loss" in line]
-        return training[-1] if training else None
-    return None
+    training = [line for line in metrics_lines(job_dir) if "loss" in line]
+    return training[-1] if training else None
+
+
+def job_evaluations(job_dir: Path) -> list[dict[str, Any]]:
+    """Each in-training evaluation of a job (its lines of ``metrics.jsonl`` with ``eval/<metric>`` values): the
+    metrics without their prefix, the step and the training seconds."""
+    return [{"step": line["step"], "train_seconds": line.get("train_seconds"),
+             **{key.removeprefix("eval/"): value for key, value in line.items() if key.startswith("eval/")}}
+            for line in metrics_lines(job_dir) if any(key.startswith("eval/") for key in line)]
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -128,11 +144,7 @@ def job_rows(jobs: list[Job]) -> list[dict[str, Any]]:
     rows = []
     for job in jobs:
         row = {"job": job.number, "overrides": " ".join(o for o in job.overrides if o not in shared)}
-        try:
-            row.update(job_result(job.folder) or {})
-        except ValueError:
-            if job.status != "unfinished":
-                raise  # a running job may be halfway through writing a line of its metrics; others may not
+        row.update(measured(job, job_result) or {})
         if job.status == "completed":
             row["value"] = job.value
         row["status"] = job.status
@@ -140,6 +152,23 @@ def job_rows(jobs: list[Job]) -> list[dict[str, Any]]:
             row["error"] = job.record["error"]
         rows.append(row)
     return rows
+
+
+def measured(job: Job, read: Callable[[Path], T]) -> T | None:
+    """``read(job.folder)``, or ``None`` for a running job that is halfway through writing a line of its metrics."""
+    try:
+        return read(job.folder)
+    except ValueError:
+        if job.status != "unfinished":
+            raise  # a running job may be halfway through writing a line; others may not
+        return None
+
+
+def evaluation_rows(jobs: list[Job], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per in-training evaluation of every job, with its job's number and varied overrides (``rows``, as
+    ``job_rows`` gives them), its step, training seconds and metrics."""
+    return [{"job": row["job"], "overrides": row["overrides"], **evaluation}
+            for job, row in zip(jobs, rows) for evaluation in measured(job, job_evaluations) or []]
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -216,6 +245,62 @@ def pivot_table(rows: list[dict[str, Any]], metric: str, lines: str, columns: st
         values = (format_cell(cells.get((line, value))) for value in column_values)
         out.append(f"| {line or 'all'} | " + " | ".join(values) + " |")
     return "\n".join(out) + "\n"
+
+
+def reaches(metric: str, value: float, target: float) -> bool:
+    """Whether ``value`` of ``metric`` is as good as ``target`` or better (FD at most, accuracy at least...)."""
+    return value == target or beats(metric, value, target)
+
+
+def curves(points: list[dict[str, Any]], x: str, metric: str, lines: str) -> dict[str | None, list[dict[str, Any]]]:
+    """The points that measured ``metric`` at some ``x``, per line (``line_label``), in the order of ``x``."""
+    measured_points = [p for p in points if p.get(x) is not None and p.get(metric) is not None]
+    return {line: sorted((p for p in measured_points if line_label(p, lines, x) == line), key=lambda p: p[x])
+            for line in line_labels(measured_points, lines, x)}
+
+
+def time_to_target(points: list[dict[str, Any]], x: str, lines: str, target: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per line (a recipe): its final ``x`` (training seconds) and ``metric``, its best ``metric``, and the first ``x``
+    at which ``metric`` reached the target: ``target["value"]``, else the final ``metric`` of the line that the
+    override ``target["of"]`` names (``experiment=digits``); with ``of``, the speed-up: that line's final ``x``
+    divided by this line's ``x`` to the target (``None`` where not reached, or while the target is unknown)."""
+    metric, of = target["metric"], target.get("of")
+    per_line = curves(points, x, metric, lines)
+    # the curve of the line that a job with the override `of` is on
+    reference = per_line.get(line_label({"overrides": of}, lines, x), []) if of else []
+    goal = target.get("value")
+    if goal is None and reference:
+        goal = reference[-1][metric]
+    summary = []
+    for line, curve in per_line.items():
+        values = [p[metric] for p in curve]
+        reached = next((p[x] for p in curve if goal is not None and reaches(metric, p[metric], goal)), None)
+        row = {"line": line, "evaluations": len(curve), f"final_{x}": curve[-1][x], f"final_{metric}": values[-1],
+               f"best_{metric}": min(values) if metric in LOWER_IS_BETTER else max(values), f"target_{metric}": goal,
+               f"{x}_to_target": reached}
+        if of:
+            row["speed_up"] = reference[-1][x] / reached if reference and reached else None
+        summary.append(row)
+    return summary
+
+
+def time_to_target_section(summary: list[dict[str, Any]], x: str, lines: str, target: dict[str, Any]) -> str:
+    """The table of ``time_to_target`` in ``report.md``, under a title that says what the target is."""
+    metric, of = target["metric"], target.get("of")
+    goal = summary[0][f"target_{metric}"] if summary else None
+    sign = "≤" if metric in LOWER_IS_BETTER else "≥"
+    source = "plot.target.value" if target.get("value") is not None else f"the final {metric} of `{of}`" + (
+        "" if goal is not None else ", not measured yet")
+    title = f"## {x} to {metric} {sign} {'?' if goal is None else format_cell(goal)} ({source})\n\n"
+    columns = [lines, "evaluations", f"final {x}", f"final {metric}", f"best {metric}",
+               f"{x} to {metric} {sign} target", *([f"speed-up vs {of}"] if of else [])]
+    table = []
+    for row in summary:
+        reached = "not reached" if goal is not None and row[f"{x}_to_target"] is None else row[f"{x}_to_target"]
+        values = [row["line"] or "all", row["evaluations"], row[f"final_{x}"], row[f"final_{metric}"],
+                  row[f"best_{metric}"], reached, row.get("speed_up")]
+        table.append(dict(zip(columns, values)))
+    return title + markdown_table(table, columns)
 
 
 def parse_value(text: str) -> Any:
@@ -311,10 +396,26 @@ class SweepReport(Callback):
     optionally ``columns``: an override for per-metric tables, ``log_x``, ``log_y`` and ``symlog_y``) it also draws
     ``report.png``, one panel per metric, and puts a table per metric (and of the seconds per image) atop
     ``report.md``.
+
+    With ``plot.points: evaluations`` the points are each in-training evaluation of each job (its ``metrics.jsonl``
+    lines with ``eval/<metric>``, e.g. ``x: train_seconds``, ``y: [fd]``), tabled in ``report.md``; and with
+    ``plot.target`` (``metric``, and ``value`` or ``of``: an override naming a line, e.g. ``experiment=digits``,
+    whose final value is the target) a table gives each line's final and best value and its ``x`` to the target,
+    with the speed-up against ``of``. ``report.json`` then holds ``{"jobs", "evaluations", "time_to_target"}``.
     """
 
     def __init__(self, plot: dict[str, Any] | None = None) -> None:
         self.plot = None if plot is None else OmegaConf.to_container(plot) if isinstance(plot, DictConfig) else plot
+        settings = self.plot or {}
+        self.points = settings.get("points")
+        self.target = None if settings.get("target") is None else {"metric": "fd", **settings["target"]}
+        if self.points not in (None, *POINTS):
+            raise ValueError(f"hydra.callbacks.report.plot.points={self.points!r} is not known: choose evaluations "
+                             "(each in-training evaluation of each job) or leave it out (each job's final measurement)")
+        if self.target is not None and not (self.points and (self.target.get("value") is not None or
+                                                             self.target.get("of"))):
+            raise ValueError("hydra.callbacks.report.plot.target needs plot.points: evaluations and a value or of "
+                             f"(an override naming the line whose final value is the target), got {self.target}")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # what the sweep varies, for its jobs and its report (Hydra's basic sweeper writes the same file, others don't)
@@ -342,16 +443,23 @@ class SweepReport(Callback):
             if not jobs:
                 return sweep_dir / "report.md"
             rows = job_rows(jobs)
+            evaluations = evaluation_rows(jobs, rows) if self.points else None
             sections = [] if final else [f"_Written when job {last_job} ended: the sweep rewrites this report when it "
                                          "ends, so a report that still shows this line is of a sweep that stopped._\n"]
             sweep_config = load_sweep_config(sweep_dir)
             if is_optuna_study(sweep_config):
                 sections += [self.study(sweep_dir, sweep_config, jobs, rows, final), "## Jobs\n"]
-            sections += self.metric_tables(sweep_dir, rows, final)
+            sections += self.metric_tables(sweep_dir, rows if evaluations is None else evaluations, final)
+            document: Any = rows
+            if evaluations is not None:
+                summary = time_to_target(evaluations, self.plot["x"], self.plot["lines"], self.target) \
+                    if self.target else []
+                document = {"jobs": rows, "evaluations": evaluations, "time_to_target": summary}
+                sections += self.evaluation_sections(evaluations, summary)
             sections.append(jobs_table(rows))
             problems = problems_section(rows, final)
             report = "\n".join([*sections, *([problems] if problems else [])])
-            write_atomically(sweep_dir / "report.json", json.dumps(rows, indent=2) + "\n")
+            write_atomically(sweep_dir / "report.json", json.dumps(document, indent=2) + "\n")
             write_atomically(sweep_dir / "report.md", report)
         if final:
             log.info("sweep report (%d jobs): %s\n%s", len(rows), sweep_dir / "report.md", report)
@@ -383,9 +491,20 @@ class SweepReport(Callback):
         if final:
             from diffusion.report_plot import plot_metrics
 
-            plot_metrics(rows, sweep_dir / "report.png", **{k: v for k, v in self.plot.items() if k != "columns"})
+            plot_metrics(rows, sweep_dir / "report.png",
+                         **{k: v for k, v in self.plot.items() if k not in ("columns", "points", "target")})
         if not self.plot.get("columns"):
             return []
         metrics = [*self.plot["y"], *(["seconds_per_image"] if any("seconds_per_image" in row for row in rows) else [])]
         return [pivot_table(rows, metric, self.plot["lines"], self.plot["columns"])
                 for metric in dict.fromkeys(metrics)]
+
+    def evaluation_sections(self, evaluations: list[dict[str, Any]], summary: list[dict[str, Any]]) -> list[str]:
+        """With ``points: evaluations``: the time-to-target table (with a ``target``) and every evaluation, above the
+        table of jobs."""
+        x, lines = self.plot["x"], self.plot["lines"]
+        sections = [time_to_target_section(summary, x, lines, self.target)] if self.target else []
+        if evaluations:
+            columns = ["job", "overrides", *dict.fromkeys(["step", x, *self.plot["y"]])]
+            sections.append("## Evaluations\n\n" + markdown_table(evaluations, columns))
+        return [*sections, "## Jobs\n"]

@@ -69,7 +69,8 @@ def make_denoiser(
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         alpha, sigma = (v.view(-1, *([1] * (x_t.ndim - 1))) for v in schedule.alpha_sigma(t))
-        output = guided_output(model, x_t, t, class_labels, guidance_scale, model_inputs)
+        output = guided_output(model, objective.network_input(x_t, alpha, sigma), t, class_labels, guidance_scale,
+                               model_inputs)
         return objective.to_x0_eps(output, x_t.float(), alpha, sigma)
 
     return denoise

@@ -186,3 +186,21 @@ class SigmoidSchedule(NoiseSchedule):
         v_start, v_end = torch.sigmoid(torch.tensor(start / tau)), torch.sigmoid(torch.tensor(end / tau))
         alphas_cumprod = (v_end - torch.sigmoid((u * (end - start) + start) / tau)) / (v_end - v_start)
         super().__init__(betas_from_alphas_cumprod(alphas_cumprod.clamp(min=1e-9), max_beta), rescale_zero_terminal_snr)
+
+
+class EDMSchedule(NoiseSchedule):
+    """EDM's noise levels (Karras et al. 2022, Table 1): ``num_timesteps`` levels sigma_t evenly spaced in log sigma
+    from ``sigma_min`` to ``sigma_max``, as the variance-preserving abar_t = 1 / (1 + sigma_t^2).
+
+    A fractional timestep interpolates log sigma exactly on this grid, so the network's time input is an affine
+    function of EDM's c_noise = ln(sigma) / 4 (the scale of the other schedules' timesteps), and every noise level
+    in [sigma_min, sigma_max] is reachable: the discrete grid is only the samplers' and validation's lookup table.
+    """
+
+    def __init__(self, num_timesteps: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"the edm schedule needs 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+        log_sigmas = torch.linspace(math.log(sigma_min), math.log(sigma_max), num_timesteps, dtype=torch.float64)
+        alphas_cumprod = torch.sigmoid(-2 * log_sigmas)  # 1 / (1 + sigma^2), without rounding 1 + sigma_min^2
+        super().__init__(betas_from_alphas_cumprod(alphas_cumprod, max_beta=1.0))
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max

@@ -104,7 +104,7 @@ def optimized_value(result: dict, name: str) -> float:
     """The value a sweeper optimises: ``result[name]``, with an error naming what the run did report."""
     if name not in result:
         raise KeyError(f"optimized_metric={name!r} is not in this run's result; it has {sorted(result)} "
-                       "(eval/best_<metric> needs callbacks.evaluation.every > 0)")
+                       "(eval/best_<metric> needs an evaluation: callbacks.evaluation.every, every_seconds or at_end)")
     return float(result[name])
 
 

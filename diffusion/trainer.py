@@ -41,6 +41,11 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return torch.device(device)
 
 
+def slowest(seconds: float) -> float:
+    """The largest of the processes' ``seconds`` (to the microsecond), so that every process decides alike."""
+    return distributed.largest(round(seconds * 1e6)) / 1e6
+
+
 class Trainer:
     """Runs optimizer steps with averages of the weights and keeps the state that resumes a run exactly; callbacks do the rest.
 
@@ -49,6 +54,8 @@ class Trainer:
 
     Args:
         max_steps: optimizer steps to train for (epochs are counted, not configured).
+        max_train_seconds: also end the run at the step whose training time (``train_seconds``) reaches this
+            (null: no limit); the learning-rate schedule still spans ``max_steps``.
         batch_size: images per micro-batch over all processes together (each process takes
             ``batch_size / world_size``); one optimizer step sees ``batch_size * accumulation_steps`` images.
         accumulation_steps: micro-batches whose gradients are summed before each optimizer step.
@@ -92,16 +99,19 @@ class Trainer:
         timeout_minutes: float = 30.0,
         compile: bool = False,
         max_nonfinite_steps: int = 20,
+        max_train_seconds: float | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"trainer.precision={precision!r} is not known; choose one of {list(PRECISIONS)}")
         if max_steps < 1 or batch_size < 1 or accumulation_steps < 1:
             raise ValueError("trainer.max_steps, trainer.batch_size and trainer.accumulation_steps must be positive")
+        if max_train_seconds is not None and max_train_seconds <= 0:
+            raise ValueError(f"trainer.max_train_seconds must be positive (or null: no limit), got {max_train_seconds}")
         if max_nonfinite_steps < 1:
             raise ValueError(f"trainer.max_nonfinite_steps must be at least 1, got {max_nonfinite_steps}")
         self.max_steps, self.batch_size, self.accumulation_steps = max_steps, batch_size, accumulation_steps
         self.precision, self.grad_clip, self.num_workers, self.seed = precision, grad_clip, num_workers, seed
-        self.compile, self.max_nonfinite_steps = compile, max_nonfinite_steps
+        self.compile, self.max_nonfinite_steps, self.max_train_seconds = compile, max_nonfinite_steps, max_train_seconds
         swa_start_step = swa_start_step if swa_start_step is not None else max(1, max_steps * 3 // 4)
         self.average_options = dict(
             ema_decays=ema_decay, ema_warmup=ema_warmup, ema_update_every=ema_update_every,
@@ -111,7 +121,9 @@ class Trainer:
         self.world = distributed.init_process_group(timeout_minutes)
         self.device = resolve_device(device, self.world.local_rank)
         self.step = self.epoch = self.batch_in_epoch = 0
-        self.train_seconds = 0.0  # time spent in optimizer steps (data, forward, backward, update), callbacks excluded
+        # time spent in optimizer steps (data, forward, backward, update), callbacks excluded: the slowest process's
+        self.train_seconds = 0.0
+        self.last_step = False  # whether the step that just ended is the run's last (max_steps or max_train_seconds)
         self.metrics: dict[str, float] = {}  # the latest value of everything logged
         self.stopped_by_signal: int | None = None
         self.lr = 0.0  # the learning rate of the latest optimizer step
@@ -141,7 +153,8 @@ class Trainer:
         config_yaml: str = "",
         init_from: str | Path | None = None,
     ) -> dict:
-        """Train until ``max_steps`` or a stop signal; return the latest metrics, the step and the stop reason.
+        """Train until ``max_steps``, ``max_train_seconds`` or a stop signal; return the latest metrics, the step and
+        the stop reason.
 
         ``resume_from`` continues a run exactly; otherwise ``init_from`` starts this one from another's weights.
         """
@@ -154,15 +167,19 @@ class Trainer:
         elif init_from is not None:
             self.initialize_from(load_checkpoint(init_from, map_location=self.device))
             log.info("starting from the weights of %s", shown(init_from))
-        log.info("training %s (%.2fM parameters) on %s for %d steps of %d images (%d process%s x %d x %d "
+        budget = "" if self.max_train_seconds is None else f" or {self.max_train_seconds:g} s of training"
+        log.info("training %s (%.2fM parameters) on %s for %d steps%s of %d images (%d process%s x %d x %d "
                  "accumulation), %s", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6,
-                 self.device, self.max_steps, self.batch_size * self.accumulation_steps, self.world.size,
+                 self.device, self.max_steps, budget, self.batch_size * self.accumulation_steps, self.world.size,
                  "es" if self.world.size > 1 else "", self.batch_size // self.world.size, self.accumulation_steps,
                  self.precision)
         with StopRequest() as stop:
             try:
                 self.call("on_fit_start")
                 self.train_loop(self.batches(loader), stop)
+                if self.step < self.max_steps and self.out_of_time() and not self.diverged and self.is_main:
+                    log.info("stopped at step %d: its training time, %.2f s, reached the time budget "
+                             "(trainer.max_train_seconds=%g)", self.step, self.train_seconds, self.max_train_seconds)
                 if self.stopped_by_signal is not None or self.diverged:
                     with stop.deferred():  # a second Ctrl-C waits for the checkpoint
                         self.call("on_stop")
@@ -203,23 +220,29 @@ class Trainer:
 
     def train_loop(self, batches: Iterator, stop: StopRequest) -> None:
         """Optimizer steps until done or asked to stop (DDPM Algorithm 1 with the engineering around it)."""
-        while self.step < self.max_steps:
+        self.last_step = self.step >= self.max_steps or self.out_of_time()
+        while not self.last_step:
             self.stopped_by_signal = distributed.largest(stop.signum or 0) or None
             if self.stopped_by_signal is not None:
                 return
             start = time.perf_counter()
             self.loss, self.grad_norm, finite = self.train_step(batches)
-            self.train_seconds += time.perf_counter() - start
+            self.train_seconds = slowest(self.train_seconds + time.perf_counter() - start)
             self.step += 1
+            self.last_step = self.step >= self.max_steps or self.out_of_time()
             self.count_nonfinite(finite)
             self.averages.update(self.model, self.step)
             self.call("on_step_end")
             if self.pending:
-                logged, self.pending = self.pending, {}
+                logged, self.pending = {**self.pending, "train_seconds": self.train_seconds}, {}
                 self.metrics.update(logged)
                 self.call("on_log", logged)
             if self.diverged:
                 return
+
+    def out_of_time(self) -> bool:
+        """Whether the training time has reached ``max_train_seconds`` (the same answer on every process)."""
+        return self.max_train_seconds is not None and self.train_seconds >= self.max_train_seconds
 
     def count_nonfinite(self, finite: bool) -> None:
         """Count a skipped step; after ``max_nonfinite_steps`` in a row, say why the run must stop."""
@@ -303,8 +326,9 @@ class Trainer:
             getattr(callback, hook)(self, *args)
 
     def due(self, every: int) -> bool:
-        """Whether a cadence of ``every`` steps (0: never) fires now; each also fires at the last step."""
-        return bool(every) and (self.step % every == 0 or self.step == self.max_steps)
+        """Whether a cadence of ``every`` steps (0: never) fires now; each also fires at the last step (at
+        ``max_steps`` or at the time budget)."""
+        return bool(every) and (self.step % every == 0 or self.last_step)
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         """Record metrics of this step; the callbacks' ``on_log`` receives them together at the end of the step."""
@@ -328,6 +352,7 @@ class Trainer:
             "swa_lr_scheduler": self.swa_lr.state_dict() if self.swa_lr is not None else None,
             "grad_scaler": self.scaler.state_dict(),
             "skipped_steps": self.skipped_steps,
+            "train_seconds": self.train_seconds,
             "rng": {**rng[0], "train_generator": self.generator.get_state(), "train_generator_device": self.device.type,
                     "ranks": rng[1:]},
             "callbacks": {name: callback.state_dict() for name, callback in self.callbacks.items()},
@@ -369,6 +394,7 @@ class Trainer:
         self.scaler.load_state_dict(state["grad_scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.skipped_steps = state.get("skipped_steps", 0)
+        self.train_seconds = state.get("train_seconds", 0.0)  # older checkpoints did not keep it
         changed = restore_lr_scheduler(self.lr_scheduler, state["lr_scheduler"], self.step)
         if changed:
             log.warning("the learning-rate schedule changed since the checkpoint (%s): it now follows the new "

@@ -25,7 +25,7 @@ def options(group: str) -> list[str]:
 
 
 def test_the_documented_groups_exist():
-    assert GROUPS == ["callbacks", "dataset", "debug", "experiment", "features", "hparams_search", "logger",
+    assert GROUPS == ["benchmark", "callbacks", "dataset", "debug", "experiment", "features", "hparams_search", "logger",
                       "lr_scheduler", "model", "objective", "optimizer", "sampler", "schedule", "trainer"]
 
 

@@ -125,3 +125,29 @@ def test_zero_terminal_snr_with_v_prediction_trains_and_samples_with_ddim(tmp_pa
     assert schedule.alphas_cumprod[0].item() == pytest.approx(1 - 1e-4, rel=1e-6)
     # DDIM's first step evaluates the network at t = T - 1, where alpha = 0: the v-prediction reads as x_0 = -v
     sampled(tmp_path / "checkpoints" / "last.pt", "sampler=ddim", f"sampler.steps={T // 2}")
+
+
+def test_the_edm_recipe_trains_at_log_normal_noise_levels_and_samples_with_no_extra_flags(tmp_path):
+    """objective=edm schedule=edm: the checkpoint records both, so diffusion-sample reads the network through EDM's
+    preconditioning on its own; the training draws fractional timesteps, the log-normal levels between the grid's."""
+    _, state, _ = train_recipe(tmp_path, "objective=edm", "schedule=edm")
+    config = stored(state)
+    assert config["objective"]["_target_"] == "diffusion.objectives.EDMObjective"
+    assert config["objective"]["sigma_data"] == 0.5 and config["objective"]["P_mean"] == -1.2
+    schedule = schedule_of(state)
+    assert type(schedule).__name__ == "EDMSchedule" and schedule.num_timesteps == T
+    assert schedule.sigmas[[0, -1]].tolist() == pytest.approx([0.002, 80.0], rel=1e-4)
+    draws = instantiate(OmegaConf.create(state["config"]).objective).draw(schedule, (1000, 1, 2, 2),
+                                                                          torch.device("cpu"))
+    assert draws.t.is_floating_point() and (draws.t != draws.t.round()).float().mean() > 0.99
+    for sampler in ("sampler=heun", "sampler=dpmpp_2m", "sampler=ddim"):
+        sampled(tmp_path / "checkpoints" / "last.pt", sampler, "sampler.steps=5")
+
+
+def test_the_edm_objective_refuses_a_schedule_whose_last_noise_level_is_infinite():
+    from diffusion.objectives import EDMObjective
+    from diffusion.schedules import LinearSchedule
+
+    with pytest.raises(ValueError, match="objective=edm needs finite noise levels, and this zero-terminal-SNR "
+                                         "schedule ends at an infinite one: use schedule=edm"):
+        EDMObjective().check_schedule(LinearSchedule(20, rescale_zero_terminal_snr=True))

@@ -19,13 +19,14 @@ log = logging.getLogger(__name__)
 
 
 class EvaluateAndKeepBest(Callback):
-    """Every ``every`` steps, rank 0 samples ``num_images`` images from the EMA weights with a fast sampler,
-    measures them against the training data, logs ``eval/<metric>`` for every metric, and writes
-    ``checkpoints/best.pt`` when ``metric`` is the best so far. Broken samples (``eval/broken_images``), if any, go
-    to ``samples/broken_step_<N>.png``, the worst first.
+    """Every ``every`` steps and/or ``every_seconds`` of training time, rank 0 samples ``num_images`` images from
+    the EMA weights with a fast sampler, measures them against the training data, logs ``eval/<metric>`` for every
+    metric (on the step's line, with its ``train_seconds``), and writes ``checkpoints/best.pt`` when ``metric`` is
+    the best so far. Broken samples (``eval/broken_images``), if any, go to ``samples/broken_step_<N>.png``, the
+    worst first.
 
     The feature extractor and the sampler are given as configs and built when the run starts, and only when
-    ``every`` is set, so a run that never evaluates never builds them.
+    ``every``, ``every_seconds`` or ``at_end`` is set, so a run that never evaluates never builds them.
 
     Args:
         features: the feature extractor's config (the ``features`` config group).
@@ -33,6 +34,9 @@ class EvaluateAndKeepBest(Callback):
         dataset: the training data's config, part of the reference statistics' cache key.
         cache_dir: where reference statistics (and the digits classifier) are cached.
         every: steps between evaluations (0: never).
+        every_seconds: also evaluate at the first step whose training time (``trainer.train_seconds``) has crossed
+            the next multiple of this many seconds (0: never): curves of quality against training time.
+        at_end: also evaluate at the last step when no cadence has just done so (the run's final quality).
         metric: the metric that chooses ``best.pt`` and that the run reports as ``eval/best_<metric>``.
         num_images: images per evaluation, always from seeds 0..num_images-1 (class i % num_classes).
         batch_size: images per sampling batch.
@@ -41,18 +45,24 @@ class EvaluateAndKeepBest(Callback):
 
     def __init__(self, features: DictConfig, sampler: DictConfig, dataset: DictConfig, cache_dir: str,
                  every: int = 0, metric: str = "fd", num_images: int = 500, batch_size: int = 250,
-                 guidance_scale: float = 1.0) -> None:
+                 guidance_scale: float = 1.0, every_seconds: float = 0, at_end: bool = False) -> None:
         if metric not in METRIC_KEYS:
             raise ValueError(f"callbacks.evaluation.metric={metric!r} is not known; choose one of {list(METRIC_KEYS)}")
+        if every_seconds < 0:
+            raise ValueError(f"callbacks.evaluation.every_seconds must be positive (or 0: never), got {every_seconds}")
         self.features, self.sampler, self.dataset, self.cache_dir = features, sampler, dataset, cache_dir
         self.every, self.metric, self.num_images = every, metric, num_images
+        self.every_seconds, self.at_end = every_seconds, at_end
+        self.seconds_crossed = 0  # the multiples of every_seconds that the training time had crossed when last asked
         self.batch_size, self.guidance_scale = batch_size, guidance_scale
         self.best: dict[str, Any] | None = None  # the best measurement so far: metric, value, step
         self.evaluator: Evaluator | None = None
 
     def on_fit_start(self, trainer) -> None:
-        if self.every:
+        if self.every or self.every_seconds or self.at_end:
             distributed.computed_by_rank_zero(self.build)(trainer)
+        if self.every_seconds:  # a resumed run goes on from the multiples its restored training time had crossed
+            self.seconds_crossed = int(trainer.train_seconds // self.every_seconds)
 
     def build(self, trainer) -> None:
         """Build the extractor and the sampler, and refuse a metric this run cannot measure."""
@@ -71,8 +81,15 @@ class EvaluateAndKeepBest(Callback):
                                    num_images=self.num_images, batch_size=self.batch_size,
                                    guidance_scale=self.guidance_scale)
 
+    def due(self, trainer) -> bool:
+        """Whether to evaluate at this step: on the step cadence, at a newly crossed multiple of ``every_seconds``
+        (``train_seconds`` is the same on every process, so is the answer), or at the last step with ``at_end``."""
+        crossed = int(trainer.train_seconds // self.every_seconds) if self.every_seconds else 0
+        newly_crossed, self.seconds_crossed = crossed > self.seconds_crossed, crossed
+        return trainer.due(self.every) or newly_crossed or (self.at_end and trainer.last_step)
+
     def on_step_end(self, trainer) -> None:
-        if not trainer.due(self.every):
+        if not self.due(trainer):
             return
         measured = None
         if trainer.is_main:

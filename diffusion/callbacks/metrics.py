@@ -25,7 +25,7 @@ def format_duration(seconds: float) -> str:
 class MetricsLogger(Callback):
     """Every ``every`` steps, logs the mean loss since the last line (over all processes), the learning rate,
     the gradient norm, images per second of training time and the epoch; writes every metric of a step as one
-    line of ``metrics.jsonl`` and sends it to the tracker.
+    line of ``metrics.jsonl`` (with the step and the trainer's ``train_seconds``) and sends it to the tracker.
 
     Args:
         every: steps between lines (0: no training metrics; other callbacks' metrics are still written).
