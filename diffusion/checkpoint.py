@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import random
@@ -15,6 +16,8 @@ from torch import nn
 
 import diffusion
 from diffusion.seed_format import from_seed_checkpoint, is_seed_checkpoint
+
+log = logging.getLogger(__name__)
 
 # 2: callback state under "callbacks" (format 1 kept the loss window and the best evaluation at the top level)
 # 3: the averages of the weights by name under "averages" ("ema" still holds the primary one) and SWALR's state
@@ -136,3 +139,18 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         states = [s.cpu() for s in state["cuda"]]
         torch.cuda.set_rng_state_all(states[: torch.cuda.device_count()])
+
+
+def restore_generator(generator: torch.Generator, rng: dict, device_type: str, fresh_seed: int) -> None:
+    """Put back a run's training-noise generator as saved; one saved on another kind of device (a CUDA run resumed
+    on a CPU) has another state layout, so it starts a fresh stream from ``fresh_seed`` and says so."""
+    saved_on = rng.get("train_generator_device", "the device it was saved on")  # older checkpoints do not say
+    try:
+        if saved_on not in (device_type, "the device it was saved on"):
+            raise RuntimeError(f"saved on {saved_on}")
+        generator.set_state(rng["train_generator"].cpu())
+    except RuntimeError as error:
+        log.warning("the checkpoint's training-noise generator does not fit this %s run (%s): it draws new random "
+                    "numbers from here on, so the run continues, though not as it would have on %s",
+                    device_type, error, saved_on)
+        generator.manual_seed(fresh_seed)

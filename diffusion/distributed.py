@@ -142,6 +142,11 @@ def largest(value: int) -> int:
     return int(box.item())
 
 
+def largest_seconds(seconds: float) -> float:
+    """The largest of the ranks' ``seconds`` (to the microsecond), so that every rank decides alike on a time."""
+    return largest(round(seconds * 1e6)) / 1e6
+
+
 def computed_by_rank_zero(function: Callable[..., T]) -> Callable[..., T]:
     """Wrap ``function`` so rank 0 computes the result and every rank returns it (its error, too).
 

@@ -134,7 +134,7 @@ class Objective:
         if class_labels is not None and draws.drop_label is not None:
             class_labels = torch.where(draws.drop_label, torch.full_like(class_labels, model.null_label), class_labels)
         alpha, sigma = (v.view(-1, *([1] * (x0.ndim - 1))) for v in schedule.alpha_sigma(t))
-        x_t = schedule.q_sample(x0, t, noise) if not t.is_floating_point() else alpha * x0 + sigma * noise
+        x_t = alpha * x0 + sigma * noise  # q(x_t | x_0) (DDPM Eq. 4), at fractional timesteps too
         output = model(self.network_input(x_t, alpha, sigma), t, class_labels=class_labels,
                        **(model_inputs or {})).float()
         target = self.target(x0.float(), noise.float(), alpha, sigma)

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from diffusion.report import line_label, line_labels
+from diffusion.report_tables import line_label, line_labels
 
 # how a panel names a metric of eval.json, and which way is better
 METRIC_TITLES = {

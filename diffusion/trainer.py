@@ -13,7 +13,9 @@ import torch
 
 from diffusion import distributed
 from diffusion.callbacks.base import Callback
-from diffusion.checkpoint import FORMAT_VERSION, code_version, load_checkpoint, load_weights, rng_state, set_rng_state
+from diffusion.checkpoint import (
+    FORMAT_VERSION, code_version, load_checkpoint, load_weights, restore_generator, rng_state, set_rng_state,
+)
 from diffusion.averaging import WeightAverages
 from diffusion.data import build_loader, random_hflip
 from diffusion.data.loader import worker_death
@@ -39,11 +41,6 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     if device == "cuda" and torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(device)
-
-
-def slowest(seconds: float) -> float:
-    """The largest of the processes' ``seconds`` (to the microsecond), so that every process decides alike."""
-    return distributed.largest(round(seconds * 1e6)) / 1e6
 
 
 class Trainer:
@@ -227,7 +224,7 @@ class Trainer:
                 return
             start = time.perf_counter()
             self.loss, self.grad_norm, finite = self.train_step(batches)
-            self.train_seconds = slowest(self.train_seconds + time.perf_counter() - start)
+            self.train_seconds = distributed.largest_seconds(self.train_seconds + time.perf_counter() - start)
             self.step += 1
             self.last_step = self.step >= self.max_steps or self.out_of_time()
             self.count_nonfinite(finite)
@@ -369,20 +366,6 @@ class Trainer:
         if not load_optimizer_moments(self.optimizer, state.get("optimizer") or state.get("seed_optimizer")):
             log.warning("init_from: the optimizer state does not fit this model's parameters; starting it afresh")
 
-    def restore_generator(self, rng: dict) -> None:
-        """The training noise's generator as saved; one saved on another kind of device (a CUDA run resumed on a
-        CPU) has another state layout, so it starts a fresh stream, seeded by the step, and says so."""
-        saved_on = rng.get("train_generator_device", "the device it was saved on")  # older checkpoints do not say
-        try:
-            if saved_on not in (self.device.type, "the device it was saved on"):
-                raise RuntimeError(f"saved on {saved_on}")
-            self.generator.set_state(rng["train_generator"].cpu())
-        except RuntimeError as error:
-            log.warning("the checkpoint's training-noise generator does not fit this %s run (%s): it draws new random "
-                        "numbers from here on, so the run continues, though not as it would have on %s",
-                        self.device.type, error, saved_on)
-            self.generator.manual_seed(self.seed + self.step)
-
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint's state: weights, averages, optimizer, schedules, RNG, data position, callbacks."""
         if "optimizer" not in state:
@@ -411,7 +394,7 @@ class Trainer:
             log.warning("resuming on %d process(es) a checkpoint of %d: dropout draws new random numbers",
                         self.world.size, len(ranks))
             torch.manual_seed(self.seed + 1_000_003 * self.world.rank + self.step)
-        self.restore_generator(state["rng"])
+        restore_generator(self.generator, state["rng"], self.device.type, fresh_seed=self.seed + self.step)
         for name, callback_state in state.get("callbacks", {}).items():
             if name in self.callbacks:
                 self.callbacks[name].load_state_dict(callback_state)

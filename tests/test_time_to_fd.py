@@ -10,7 +10,8 @@ from PIL import Image
 
 import diffusion.trainer
 from diffusion.checkpoint import load_checkpoint
-from diffusion.report import SweepReport, time_to_target
+from diffusion.report import SweepReport
+from diffusion.report_tables import time_to_target
 from diffusion.train import train
 from diffusion.trainer import Trainer
 from tests.conftest import cli, compose_config, smoke_overrides
