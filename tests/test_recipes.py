@@ -71,6 +71,9 @@ def test_make_train_is_a_class_conditional_digits_model_with_guidance(tmp_path):
     assert config["objective"]["p_uncond"] == 0.1 and config["callbacks"]["sample_grid"]["guidance_scale"] == 3.0
     assert state["class_names"] == [str(digit) for digit in range(10)]
     assert state["model"]["class_embed.weight"].shape[0] == 11  # ten digits and the "no class" label
+    # the time-to-quality benchmark's recipe: EDM's preconditioning on 2x2 patches (4 values of the 1-channel image)
+    assert config["objective"]["_target_"] == "diffusion.objectives.EDMObjective"
+    assert state["model"]["input_conv.weight"].shape[1] == 4
     assert (tmp_path / "samples" / "step_4.png").is_file()
     images = sampled(tmp_path / "checkpoints" / "last.pt", seeds=[5, 5], class_labels=[7, 3], guidance_scale=3.0)
     assert not torch.equal(images[0], images[1])  # one seed, two classes: the label reached the network

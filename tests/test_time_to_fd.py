@@ -16,7 +16,7 @@ from diffusion.train import train
 from diffusion.trainer import Trainer
 from tests.conftest import cli, compose_config, smoke_overrides
 
-EXPERIMENTS = ["digits", "digits_min_snr", "digits_v_cosine", "digits_edm", "digits_edm_fast"]
+EXPERIMENTS = ["digits_ddpm", "digits_min_snr", "digits_v_cosine", "digits_edm", "digits"]
 # lines only at the steps that evaluate and at the last one; no grids; a checkpoint at the last step only
 QUIET = {"callbacks.metrics.every": 100, "callbacks.checkpoint.every": 100, "callbacks.sample_grid.every": 0}
 
@@ -171,11 +171,11 @@ def test_the_benchmark_sweeps_the_recipes_and_its_settings_win_over_theirs(exper
     recipe = compose_config("train", [f"experiment={experiment}"])
     # the recipe trains as it would alone: its objective, schedule, length and callbacks
     assert cfg.objective == recipe.objective and cfg.schedule == recipe.schedule
-    assert cfg.trainer.max_steps == recipe.trainer.max_steps == (640 if experiment == "digits_edm_fast" else 2000)
+    assert cfg.trainer.max_steps == recipe.trainer.max_steps == (1500 if experiment == "digits" else 2000)
     assert list(cfg.callbacks) == list(recipe.callbacks) and "validation" in cfg.callbacks
     evaluation = cfg.callbacks.evaluation
     assert (evaluation.every, evaluation.every_seconds, evaluation.at_end) == (0, 30, True)
-    assert (evaluation.num_images, evaluation.guidance_scale) == (1000, 1.0)
+    assert (evaluation.num_images, evaluation.guidance_scale) == (5000, 1.0)
     assert (evaluation.sampler._target_, evaluation.sampler.steps) == ("diffusion.samplers.sample_dpmpp_2m", 20)
     assert cfg.trainer.max_train_seconds is None and cfg.logger._target_ == "diffusion.loggers.CSVLogger"
     assert cfg.task_name == "time_to_fd" and cfg.optimized_metric == "eval/best_fd"
@@ -183,12 +183,12 @@ def test_the_benchmark_sweeps_the_recipes_and_its_settings_win_over_theirs(exper
     report = SweepReport(plot=cfg.hydra.callbacks.report.plot)
     assert (report.points, report.plot["x"], report.plot["y"], report.plot["lines"]) == (
         "evaluations", "train_seconds", ["fd", "conditional_accuracy"], "experiment")
-    assert report.target == {"metric": "fd", "value": None, "of": "experiment=digits"}
+    assert report.target == {"metric": "fd", "value": None, "of": "experiment=digits_ddpm"}
 
 
 def test_the_benchmark_runs_as_one_sweep_that_ends_with_the_time_to_fd_report(tmp_path, cache_dir):
     # two recipes on the smoke settings: one evaluation each, at its last step (at_end)
-    cli("train", "-m", "benchmark=time_to_fd", "experiment=digits,digits_edm", "callbacks.evaluation.num_images=10",
+    cli("train", "-m", "benchmark=time_to_fd", "experiment=digits_ddpm,digits", "callbacks.evaluation.num_images=10",
         "callbacks.evaluation.batch_size=10", "callbacks.evaluation.sampler.steps=2", f"paths.cache_dir={cache_dir}",
         *smoke_overrides(), f"paths.runs_dir={tmp_path}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     [sweep] = (tmp_path / "time_to_fd" / "multirun").iterdir()
@@ -197,9 +197,9 @@ def test_the_benchmark_runs_as_one_sweep_that_ends_with_the_time_to_fd_report(tm
                 .splitlines() if "eval/fd" in line]
     assert [(p["job"], p["overrides"], p["step"], p["train_seconds"], p["fd"]) for p in report["evaluations"]] == [
         (job, f"experiment={name}", 4, line["train_seconds"], line["eval/fd"])
-        for job, name, line in zip((0, 1), ("digits", "digits_edm"), measured)]
-    digits, edm = report["time_to_target"]
-    assert (digits["line"], digits["target_fd"], digits["speed_up"]) == ("digits", measured[0]["eval/fd"], 1.0)
-    assert edm["line"] == "digits_edm" and edm["final_train_seconds"] == measured[1]["train_seconds"]
+        for job, name, line in zip((0, 1), ("digits_ddpm", "digits"), measured)]
+    ddpm, digits = report["time_to_target"]
+    assert (ddpm["line"], ddpm["target_fd"], ddpm["speed_up"]) == ("digits_ddpm", measured[0]["eval/fd"], 1.0)
+    assert digits["line"] == "digits" and digits["final_train_seconds"] == measured[1]["train_seconds"]
     assert [row["value"] for row in report["jobs"]] == [line["eval/fd"] for line in measured]  # eval/best_fd
     assert "## train_seconds to fd ≤ " in (sweep / "report.md").read_text() and (sweep / "report.png").is_file()

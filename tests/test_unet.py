@@ -65,3 +65,33 @@ def test_the_channels_last_layout_gives_the_same_predictions():
     x, t, labels = torch.randn(3, 3, 16, 16), torch.tensor([1, 400, 999]), torch.tensor([0, 3, 2])
     with torch.no_grad():
         torch.testing.assert_close(channels_last(x, t, labels), contiguous(x, t, labels), atol=1e-5, rtol=1e-5)
+
+
+def test_a_patched_unet_is_the_unpatched_one_on_the_image_cut_into_patches():
+    """patch_size=2 is pixel unshuffle, the UNet at half the side on 4x the channels, pixel shuffle back."""
+    torch.manual_seed(0)
+    patched = UNet(image_size=16, in_channels=3, patch_size=2, attention_resolutions=(4,), num_classes=4, **TINY)
+    plain = UNet(image_size=8, in_channels=12, attention_resolutions=(4,), num_classes=4, **TINY)
+    perturb_zero_layers(patched)
+    plain.load_state_dict(patched.state_dict())
+    x, t, labels = torch.randn(2, 3, 16, 16), torch.tensor([5, 600]), torch.tensor([1, 3])
+    with torch.no_grad():
+        expected = torch.nn.functional.pixel_shuffle(plain(torch.nn.functional.pixel_unshuffle(x, 2), t, labels), 2)
+        out = patched(x, t, labels)
+    torch.testing.assert_close(out, expected)
+    # a pixel's prediction depends on the other pixels of its patch, so patches are not independent pixels
+    moved = x.clone()
+    moved[:, :, 0, 0] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(patched(moved, t, labels)[:, :, 1, 1], out[:, :, 1, 1])
+
+
+def test_patch_sizes_the_image_cannot_take_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"model.patch_size must be a whole number of pixels, at least 1, got 0"):
+        UNet(image_size=16, patch_size=0, attention_resolutions=(), **TINY)
+    with pytest.raises(ValueError, match=r"image size 12x12 cannot be cut into 4x4 patches and halved 1 times by "
+                                         r"this UNet: use an image size divisible by 8.*smaller patches"):
+        UNet(image_size=12, patch_size=4, attention_resolutions=(), **TINY)
+    with pytest.raises(ValueError, match=r"attention_resolutions \[16\] match no level of a 16x16 UNet with 2 levels "
+                                         r"and patch size 2; choose from \[8, 4\]"):
+        UNet(image_size=16, patch_size=2, attention_resolutions=(16,), **TINY)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffusion.models.layers import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, sinusoidal_embedding, zero_init
@@ -32,6 +33,10 @@ class UNet(nn.Module):
             image for super-resolution).
         channels_last: keep weights and activations in the channels-last memory layout, which the CPU's
             and recent GPUs' convolution kernels run fastest (the values are the same).
+        patch_size: side of the pixel patches the network works on: each p x p patch of the image becomes p^2
+            channels of one feature-map position (pixel unshuffle) and the output is shuffled back, so every level
+            runs at 1/p of the image's side and costs about 1/p^2 as much (the patching of Peebles & Xie 2023, DiT;
+            the downsampling before the first level of Hoogeboom et al. 2023, simple diffusion). 1: no patches.
     """
 
     def __init__(
@@ -50,6 +55,7 @@ class UNet(nn.Module):
         norm_groups: int = 32,
         cond_channels: int = 0,
         channels_last: bool = True,
+        patch_size: int = 1,
     ) -> None:
         super().__init__()
         channel_mult = tuple(channel_mult)
@@ -58,13 +64,17 @@ class UNet(nn.Module):
         self.out_channels = out_channels or in_channels
         self.cond_channels = cond_channels
         self.num_classes = num_classes
-        self.downsampling_factor = 2 ** (len(channel_mult) - 1)
+        if not isinstance(patch_size, int) or patch_size < 1:
+            raise ValueError(f"model.patch_size must be a whole number of pixels, at least 1, got {patch_size!r}")
+        self.patch_size = patch_size
+        self.downsampling_factor = patch_size * 2 ** (len(channel_mult) - 1)
         self.check_image_size(image_size, image_size)
-        unknown = sorted(set(attention_resolutions) - {image_size // 2**i for i in range(len(channel_mult))})
+        sides = [image_size // patch_size // 2**i for i in range(len(channel_mult))]
+        unknown = sorted(set(attention_resolutions) - set(sides))
         if unknown:
             raise ValueError(
                 f"model.attention_resolutions {unknown} match no level of a {image_size}x{image_size} UNet "
-                f"with {len(channel_mult)} levels; choose from {[image_size // 2**i for i in range(len(channel_mult))]} "
+                f"with {len(channel_mult)} levels and patch size {patch_size}; choose from {sides} "
                 f"(model.attention_resolutions=[...]) or a model made for this size"
             )
 
@@ -74,10 +84,10 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 
-        self.input_conv = nn.Conv2d(in_channels + cond_channels, base_channels, 3, padding=1)
+        self.input_conv = nn.Conv2d((in_channels + cond_channels) * patch_size**2, base_channels, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels = [base_channels]
-        channels, resolution = base_channels, image_size
+        channels, resolution = base_channels, image_size // patch_size
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
                 block = nn.ModuleList([ResBlock(channels, base_channels * mult, emb_dim, dropout, norm_groups)])
@@ -114,7 +124,8 @@ class UNet(nn.Module):
                 self.up.append(block)
 
         self.out = nn.Sequential(
-            group_norm(channels, norm_groups), nn.SiLU(), zero_init(nn.Conv2d(channels, self.out_channels, 3, padding=1))
+            group_norm(channels, norm_groups), nn.SiLU(),
+            zero_init(nn.Conv2d(channels, self.out_channels * patch_size**2, 3, padding=1)),
         )
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
@@ -122,10 +133,13 @@ class UNet(nn.Module):
     def check_image_size(self, height: int, width: int) -> None:
         """Raise a ValueError naming the fix when the levels cannot divide the image."""
         if height % self.downsampling_factor or width % self.downsampling_factor:
+            halvings = (self.downsampling_factor // self.patch_size).bit_length() - 1
+            patches = f"cut into {self.patch_size}x{self.patch_size} patches and " if self.patch_size > 1 else ""
             raise ValueError(
-                f"image size {height}x{width} cannot be halved {self.downsampling_factor.bit_length() - 1} times "
-                f"by this UNet: use an image size divisible by {self.downsampling_factor} "
-                f"(dataset.image_size) or fewer levels (model.channel_mult)"
+                f"image size {height}x{width} cannot be {patches}halved {halvings} times by this UNet: use an image "
+                f"size divisible by {self.downsampling_factor} (dataset.image_size)"
+                + (", fewer levels (model.channel_mult) or smaller patches (model.patch_size)" if self.patch_size > 1
+                   else " or fewer levels (model.channel_mult)")
             )
 
     @property
@@ -160,6 +174,8 @@ class UNet(nn.Module):
             emb = emb + extra_embedding
         if self.cond_channels:
             x = torch.cat([x, x_cond], dim=1)
+        if self.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.patch_size)
         h = self.input_conv(x.contiguous(memory_format=self.memory_format))
         skips = [h]
         for block in self.down:
@@ -172,4 +188,7 @@ class UNet(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             for layer in block:
                 h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
-        return self.out(h).contiguous()
+        out = self.out(h)
+        if self.patch_size > 1:
+            out = F.pixel_shuffle(out, self.patch_size)
+        return out.contiguous()
