@@ -39,14 +39,35 @@ class WarmupCosineLR(LRScheduler):
 
 
 # what a scheduler's state says about its progress; every other entry is a setting (a horizon, a warm-up...)
-PROGRESS_KEYS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial", "base_lrs"}
+PROGRESS_KEYS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial"}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> dict[str, tuple]:
+    """Load a checkpoint's optimizer state (moments, step counts), keeping the settings the run is resumed with
+    (``optimizer.weight_decay``, ``betas``, ...; the learning rate is the schedule's, see ``restore_lr_scheduler``).
+    Returns the changed settings as ``{name: (saved, new)}``."""
+    new = [{key: value for key, value in group.items() if key not in ("params", "lr")} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    changed = {}
+    for group, settings in zip(optimizer.param_groups, new):
+        for key, value in settings.items():
+            if key != "initial_lr" and comparable(group.get(key)) != comparable(value):
+                changed[key] = (comparable(group.get(key)), comparable(value))
+            group[key] = value
+    return changed
+
+
+def comparable(value):
+    """A setting as a plain value: sequences (a config's betas list, a checkpoint's tuple) as tuples."""
+    return tuple(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig" else value
 
 
 def restore_lr_scheduler(scheduler: LRScheduler, saved: dict, steps: int) -> dict[str, tuple]:
     """Continue a learning-rate schedule from a checkpoint, keeping the settings the run is resumed with.
 
     When the saved settings equal the new ones, the saved state is loaded as it is. When they differ (a
-    resumed run given a new ``trainer.max_steps`` moves ``total_steps`` or ``T_max``), the new schedule is
+    resumed run given a new ``trainer.max_steps`` moves ``total_steps`` or ``T_max``, a new ``optimizer.lr`` its
+    ``base_lrs``), the new schedule is
     replayed from step 0 to ``steps``: the run continues on the schedule it would have followed had it been
     started with the new settings. Returns the changed settings as ``{name: (saved, new)}``.
     """

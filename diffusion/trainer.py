@@ -22,7 +22,7 @@ from diffusion.data.loader import worker_death
 from diffusion.errors import LoaderWorkerDied, TrainingDiverged
 from diffusion.loggers import Logger, NullLogger
 from diffusion.objectives import Objective
-from diffusion.optim import load_optimizer_moments, restore_lr_scheduler
+from diffusion.optim import load_optimizer_moments, restore_lr_scheduler, restore_optimizer
 from diffusion.protocols import DiffusionModel, ImageDataset
 from diffusion.rundir import shown
 from diffusion.schedules import NoiseSchedule, far_from_noise
@@ -373,7 +373,10 @@ class Trainer:
                              "state a run continues from: start a new run from it with init_from=PATH instead of resume")
         load_weights(self.model, state["model"], what="model weights")
         self.averages.load_state_dict(state.get("averages") or {}, legacy_ema=state.get("ema"))
-        self.optimizer.load_state_dict(state["optimizer"])
+        changed = restore_optimizer(self.optimizer, state["optimizer"])
+        if changed:
+            log.warning("the optimizer's settings changed since the checkpoint (%s): the run continues with the new "
+                        "ones", ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()))
         self.scaler.load_state_dict(state["grad_scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.skipped_steps = state.get("skipped_steps", 0)

@@ -280,6 +280,27 @@ def test_resuming_with_more_steps_stretches_the_learning_rate_schedule(tmp_path,
     assert resumed[3] < straight[3]  # the first 4 steps had followed the 4-step schedule
 
 
+def test_resuming_with_a_new_learning_rate_and_weight_decay_uses_them_and_says_so(tmp_path, caplog):
+    overrides = smoke_overrides(**{"lr_scheduler": "constant", "callbacks.metrics.every": 1,
+                                   "callbacks.sample_grid.every": 0, "optimizer.lr": 2e-4})
+    train(compose_config("train", [*overrides, "trainer.max_steps=4"], tmp_path))
+    # the same settings again: nothing changed, nothing said
+    resumed = [*overrides, "trainer.max_steps=6", f"resume={tmp_path}"]
+    train(compose_config("train", resumed, tmp_path))
+    assert "changed since the checkpoint" not in caplog.text
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.01  # conf/optimizer/adamw.yaml's
+    changed = [*overrides, "trainer.max_steps=8", f"resume={tmp_path}", "optimizer.lr=1e-3",
+               "optimizer.weight_decay=0.5"]
+    train(compose_config("train", changed, tmp_path))
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([2e-4] * 6 + [1e-3] * 2)  # it kept the checkpoint's 2e-4 before the fix
+    group = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    assert (group["lr"], group["weight_decay"]) == (pytest.approx(1e-3), 0.5)
+    assert "the optimizer's settings changed since the checkpoint (weight_decay 0.01 -> 0.5)" in caplog.text
+    assert "base_lrs [0.0002] -> [0.001]" in caplog.text
+
+
 def test_the_logged_learning_rate_is_the_one_each_step_used(tmp_path):
     overrides = smoke_overrides(**{"lr_scheduler": "warmup_cosine", "lr_scheduler.warmup_steps": 3,
                                    "trainer.max_steps": 6, "callbacks.metrics.every": 1})
