@@ -8,7 +8,9 @@ import pytest
 import yaml
 from PIL import Image
 
+import diffusion.callbacks.metrics
 import diffusion.trainer
+from diffusion.callbacks.metrics import remaining_seconds
 from diffusion.checkpoint import load_checkpoint
 from diffusion.report import SweepReport
 from diffusion.report_tables import time_to_target
@@ -71,6 +73,22 @@ def test_a_time_budget_ends_the_run_at_the_step_that_reaches_it_and_is_kept_acro
                                   tmp_path))
     assert result["step"] == 5 and load_checkpoint(tmp_path / "checkpoints" / "last.pt")["train_seconds"] == 3.75
     assert [(r["step"], r["train_seconds"]) for r in lines(tmp_path)] == [(3, 2.25), (5, 3.75)]
+
+
+def test_under_a_time_budget_the_eta_counts_to_the_budget_not_to_max_steps(tmp_path, monkeypatch, caplog):
+    each_step_takes(0.75, monkeypatch)
+    monkeypatch.setattr(diffusion.callbacks.metrics, "time", diffusion.trainer.time)  # the same clock
+    overrides = smoke_overrides(**{"trainer.max_steps": 100, "trainer.max_train_seconds": 6, **QUIET,
+                                   "callbacks.metrics.every": 2})
+    with caplog.at_level(logging.INFO, logger="diffusion.callbacks.metrics"):
+        train(compose_config("train", overrides, tmp_path))
+    # at step 2, 1.5 s of 6: 4.5 s left of the budget (it said 1m14s, the time to step 100, before)
+    assert "step 2/100 " in caplog.text and "eta 4s" in caplog.text.split("step 2/100 ")[1].splitlines()[0]
+    # without a budget: by steps; with one, whichever ends first
+    assert remaining_seconds(10.0, 100, 900, 8.0) == 90.0
+    assert remaining_seconds(10.0, 100, 900, 8.0, train_seconds_left=4.0) == 5.0
+    assert remaining_seconds(10.0, 100, 10, 8.0, train_seconds_left=400.0) == 1.0
+    assert remaining_seconds(10.0, 100, 900, 8.0, train_seconds_left=-1.0) == 0.0
 
 
 @pytest.mark.parametrize("at_end, evaluated", [(False, [3, 6]), (True, [3, 6, 7])])

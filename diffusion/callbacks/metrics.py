@@ -44,7 +44,7 @@ class MetricsLogger(Callback):
         # the saved sum is over all processes: rank 0 carries it on
         self.window_sum = torch.full((), self.loss_sum if trainer.is_main else 0.0, device=trainer.device)
         self.window_start = trainer.train_seconds
-        self.run_start, self.start_step = time.perf_counter(), trainer.step
+        self.run_start, self.start_step, self.start_train_seconds = time.perf_counter(), trainer.step, trainer.train_seconds
 
     def on_step_end(self, trainer) -> None:
         self.window_sum += trainer.loss  # no host-device synchronisation until a line is due
@@ -61,8 +61,10 @@ class MetricsLogger(Callback):
             "epoch": trainer.epoch,
         }
         trainer.log_metrics(metrics)
-        elapsed = time.perf_counter() - self.run_start
-        remaining = elapsed / (trainer.step - self.start_step) * (trainer.max_steps - trainer.step)
+        budget = trainer.max_train_seconds
+        remaining = remaining_seconds(time.perf_counter() - self.run_start, trainer.step - self.start_step,
+                                      trainer.max_steps - trainer.step, trainer.train_seconds - self.start_train_seconds,
+                                      None if budget is None else budget - trainer.train_seconds)
         if trainer.is_main:
             log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.1f img/s  eta %s", trainer.step,
                      trainer.max_steps, loss, metrics["lr"], metrics["grad_norm"], metrics["images_per_sec"],
@@ -82,3 +84,13 @@ class MetricsLogger(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.loss_sum, self.steps = state["loss_sum"], state["steps"]
+
+
+def remaining_seconds(elapsed: float, steps_done: int, steps_left: int, train_seconds_done: float,
+                      train_seconds_left: float | None = None) -> float:
+    """Wall-clock seconds to the run's end at its pace so far: to max_steps, or sooner when the training-time
+    budget (trainer.max_train_seconds, ``train_seconds_left`` of it) runs out first."""
+    by_steps = elapsed / max(steps_done, 1) * steps_left
+    if train_seconds_left is None or train_seconds_done <= 0:
+        return by_steps
+    return min(by_steps, elapsed / train_seconds_done * max(train_seconds_left, 0.0))
