@@ -30,7 +30,7 @@ from diffusion.labels import cycled_labels
 from diffusion.pretrained import load_trained
 from diffusion.rundir import shown
 from diffusion.sampling import generate, sampling_progress
-from diffusion.trainer import resolve_device
+from diffusion.devices import resolve_device
 
 log = logging.getLogger(__name__)
 

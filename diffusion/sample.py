@@ -19,7 +19,7 @@ from diffusion.labels import resolve_class_labels
 from diffusion.pretrained import load_trained
 from diffusion.rundir import shown
 from diffusion.sampling import generate, sampling_progress
-from diffusion.trainer import resolve_device
+from diffusion.devices import resolve_device
 from diffusion.trajectory import TrajectoryRecorder
 
 log = logging.getLogger(__name__)

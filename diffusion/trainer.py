@@ -19,6 +19,7 @@ from diffusion.checkpoint import (
 from diffusion.averaging import WeightAverages
 from diffusion.data import build_loader, random_hflip
 from diffusion.data.loader import worker_death
+from diffusion.devices import resolve_device
 from diffusion.errors import LoaderWorkerDied, TrainingDiverged
 from diffusion.loggers import Logger, NullLogger
 from diffusion.objectives import Objective
@@ -32,15 +33,6 @@ from diffusion.swa_lr import SWALearningRate
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA when present (the local rank's GPU), else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(device)
 
 
 class Trainer:
@@ -116,7 +108,7 @@ class Trainer:
             swa=dict(start_step=swa_start_step, every=swa_every, decay=swa_decay) if swa else None)
         self.swa_lr = SWALearningRate(swa_start_step, swa_lr, swa_anneal_steps) if swa and swa_lr is not None else None
         self.world = distributed.init_process_group(timeout_minutes)
-        self.device = resolve_device(device, self.world.local_rank)
+        self.device = resolve_device(device, self.world.local_rank, setting="trainer.device")
         self.step = self.epoch = self.batch_in_epoch = 0
         # time spent in optimizer steps (data, forward, backward, update), callbacks excluded: the slowest process's
         self.train_seconds = 0.0

@@ -61,10 +61,23 @@ CASES = [
     ("sample", ["checkpoint={conditional}", "sampler.steps=many"], r"sampler.steps='many' must be an integer"),
     ("convert", ["checkpoint={conditional}"], r"is not in the seed repository's format"),
     ("prepare", ["src=no_such_folder", "dst=prepared"], r"src='no_such_folder' does not exist or is not a folder"),
+    ("sample", ["checkpoint={conditional}", "device=gpu"], r"device='gpu' is not a device: use auto, cpu, cuda or "
+                                                            r"cuda:N"),
+    ("train", ["debug=smoke", "logger=none", "trainer.device=gpu"], r"trainer.device='gpu' is not a device"),
+]
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+CASES += [  # a GPU asked for where there is none (a crash with PyTorch's "no NVIDIA driver" traceback before)
+    pytest.param("sample", ["checkpoint={conditional}", "device=cuda"], r"device=cuda: PyTorch sees no CUDA GPU on "
+                 r"this machine \(torch .*\): use device=cpu, or device=auto", marks=NO_GPU),
+    pytest.param("eval", ["checkpoint={conditional}", "device=cuda:1"], r"device=cuda:1: PyTorch sees no CUDA GPU",
+                 marks=NO_GPU),
+    pytest.param("train", ["debug=smoke", "logger=none", "trainer.device=cuda"], r"trainer.device=cuda: PyTorch sees "
+                 r"no CUDA GPU on this machine .*: use trainer.device=cpu", marks=NO_GPU),
 ]
 
 
-@pytest.mark.parametrize("command, args, message", CASES, ids=[f"{c}-{'-'.join(a)[:40]}" for c, a, _ in CASES])
+@pytest.mark.parametrize("command, args, message", CASES,
+                         ids=[f"{c}-{'-'.join(a)[:40]}" for c, a, _ in (getattr(x, "values", x) for x in CASES)])
 def test_a_mistake_prints_one_line_naming_the_fix_and_exits_2(files, tmp_path, command, args, message):
     result = cli(command, *[a.format(**files) for a in args], f"paths.runs_dir={tmp_path / 'runs'}", cwd=tmp_path,
                  check=False)
