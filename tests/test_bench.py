@@ -211,7 +211,8 @@ def test_invalid_options_raise_errors_that_name_the_fix(overrides, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no GPU")
 def test_asking_for_cuda_without_one_names_the_fix():
-    with pytest.raises(ValueError, match="use device=cpu or device=auto"):
+    with pytest.raises(ValueError, match=r"device=cuda: PyTorch sees no CUDA GPU on this machine .*: use device=cpu, "
+                                         r"or device=auto"):
         read_options(compose_config("bench", ["device=cuda"]))
 
 
