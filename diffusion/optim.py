@@ -46,7 +46,8 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> dict[str
     """Load a checkpoint's optimizer state (moments, step counts), keeping the settings the run is resumed with
     (``optimizer.weight_decay``, ``betas``, ...; the learning rate is the schedule's, see ``restore_lr_scheduler``).
     Returns the changed settings as ``{name: (saved, new)}``."""
-    new = [{key: value for key, value in group.items() if key not in ("params", "lr")} for group in optimizer.param_groups]
+    new = [{key: value for key, value in group.items() if key not in ("params", "lr")}
+           for group in optimizer.param_groups]
     optimizer.load_state_dict(saved)
     changed = {}
     for group, settings in zip(optimizer.param_groups, new):
@@ -59,7 +60,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> dict[str
 
 def comparable(value):
     """A setting as a plain value: sequences (a config's betas list, a checkpoint's tuple) as tuples."""
-    return tuple(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig" else value
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def restore_lr_scheduler(scheduler: LRScheduler, saved: dict, steps: int) -> dict[str, tuple]:

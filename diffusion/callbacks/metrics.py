@@ -44,7 +44,8 @@ class MetricsLogger(Callback):
         # the saved sum is over all processes: rank 0 carries it on
         self.window_sum = torch.full((), self.loss_sum if trainer.is_main else 0.0, device=trainer.device)
         self.window_start = trainer.train_seconds
-        self.run_start, self.start_step, self.start_train_seconds = time.perf_counter(), trainer.step, trainer.train_seconds
+        self.run_start, self.start_step = time.perf_counter(), trainer.step
+        self.start_train_seconds = trainer.train_seconds
 
     def on_step_end(self, trainer) -> None:
         self.window_sum += trainer.loss  # no host-device synchronisation until a line is due
@@ -62,9 +63,9 @@ class MetricsLogger(Callback):
         }
         trainer.log_metrics(metrics)
         budget = trainer.max_train_seconds
-        remaining = remaining_seconds(time.perf_counter() - self.run_start, trainer.step - self.start_step,
-                                      trainer.max_steps - trainer.step, trainer.train_seconds - self.start_train_seconds,
-                                      None if budget is None else budget - trainer.train_seconds)
+        remaining = remaining_seconds(
+            time.perf_counter() - self.run_start, trainer.step - self.start_step, trainer.max_steps - trainer.step,
+            trainer.train_seconds - self.start_train_seconds, None if budget is None else budget - trainer.train_seconds)
         if trainer.is_main:
             log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.1f img/s  eta %s", trainer.step,
                      trainer.max_steps, loss, metrics["lr"], metrics["grad_norm"], metrics["images_per_sec"],
