@@ -12,10 +12,11 @@ from hydra._internal.utils import _locate
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from diffusion.distributed import computed_by_rank_zero
-from diffusion.rundir import run_dir_for
-from diffusion.samplers import steps_for_nfe
-from diffusion.sweeps import register_sweep_resolvers
+from diffusion.conf import CONFIG_DIR
+from diffusion.engine.distributed import computed_by_rank_zero
+from diffusion.engine.run_dir import run_dir_for
+from diffusion.process.samplers import steps_for_nfe
+from diffusion.reports.sweeps import register_sweep_resolvers
 
 
 def now(format: str) -> str:
@@ -123,7 +124,6 @@ def instantiate_from_checkpoint_config(config_yaml: str, keys: tuple[str, ...]) 
     return components
 
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def sampler_from_config(name: str, steps: int | None, key: str) -> Any:

@@ -39,14 +39,14 @@ def smoke_overrides(**extra: object) -> list[str]:
 
 
 def cli(module: str, *args: str, cwd: Path, check: bool = True, env: dict | None = None):
-    """Run ``python -m diffusion.<module> ARGS`` as a user would, returning the completed process."""
+    """Run ``python -m diffusion.cli.<module> ARGS`` as a user would, returning the completed process."""
     import subprocess
 
     full_env = {**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
     result = subprocess.run(
-        [sys.executable, "-m", f"diffusion.{module}", *args], cwd=cwd, capture_output=True, text=True, env=full_env,
+        [sys.executable, "-m", f"diffusion.cli.{module}", *args], cwd=cwd, capture_output=True, text=True, env=full_env,
         timeout=600,
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"diffusion.{module} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(f"diffusion.cli.{module} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

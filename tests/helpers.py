@@ -7,7 +7,7 @@ import signal
 
 import torch
 
-from diffusion.callbacks import Callback
+from diffusion.engine.callbacks import Callback
 from diffusion.data import ImageFolderDataset
 
 
@@ -56,7 +56,7 @@ class InjectFaults(Callback):
 
         trainer.objective.loss = faulty_loss
         if self.fail_writes_from:
-            import diffusion.callbacks.checkpoint as module
+            import diffusion.engine.callbacks.checkpoint as module
 
             save = module.save_checkpoint
 

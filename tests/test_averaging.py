@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.averaging import ExponentialAverage, WeightAverages
-from diffusion.callbacks import Callback
-from diffusion.checkpoint import load_checkpoint, save_checkpoint
-from diffusion.posthoc import power_profile, sigma_rel_to_gamma
-from diffusion.pretrained import load_trained
-from diffusion.train import train
-from diffusion.weights import choose_weights
+from diffusion.weights.averages import ExponentialAverage, WeightAverages
+from diffusion.engine.callbacks import Callback
+from diffusion.engine.checkpoint import load_checkpoint, save_checkpoint
+from diffusion.weights.posthoc import power_profile, sigma_rel_to_gamma
+from diffusion.weights.trained_model import load_trained
+from diffusion.cli.train import train
+from diffusion.weights.choose import choose_weights
 from tests.conftest import cli, compose_config, smoke_overrides
 
 # the scalar weight after optimizer step t (t = 1..8): anything that is not a straight line
@@ -202,7 +202,7 @@ def test_diffusion_posthoc_writes_a_checkpoint_that_describes_samples_and_refuse
     train(compose_config("train", smoke_overrides(**{
         "trainer.max_steps": 4, "trainer.ema_sigma_rel": "[0.05,0.1]", "callbacks.ema_snapshots.every": 2}), run))
     checkpoint = run / "checkpoints" / "last.pt"
-    cli("posthoc_command", f"checkpoint={checkpoint}", "sigma_rel=0.07", f"hydra.run.dir={tmp_path / 'posthoc'}",
+    cli("posthoc", f"checkpoint={checkpoint}", "sigma_rel=0.07", f"hydra.run.dir={tmp_path / 'posthoc'}",
         cwd=tmp_path)
     written = tmp_path / "posthoc" / "posthoc_rel0.07.pt"
     state = load_checkpoint(written)
@@ -211,7 +211,7 @@ def test_diffusion_posthoc_writes_a_checkpoint_that_describes_samples_and_refuse
         assert torch.equal(state["ema"]["state_dict"][key], value), key
     assert load_trained(written, "ema").weights == "posthoc_rel0.07"
 
-    from diffusion.describe import describe
+    from diffusion.cli.describe import describe
 
     text = describe(checkpoint)
     for line in ("step 4, epoch 0, resumable", "  ema                     = ema_0.999",
@@ -224,8 +224,8 @@ def test_diffusion_posthoc_writes_a_checkpoint_that_describes_samples_and_refuse
 
 
 def test_a_length_the_snapshots_span_poorly_is_reconstructed_with_a_warning(tmp_path, caplog):
-    from diffusion.posthoc import sigma_rel_to_gamma as gamma_of
-    from diffusion.weights import reconstruct
+    from diffusion.weights.posthoc import sigma_rel_to_gamma as gamma_of
+    from diffusion.weights.choose import reconstruct
 
     state = {"step": 100, "averages": {
         f"ema_rel{s}": {"kind": "power_ema", "num_updates": 100, "gamma": gamma_of(s), "sigma_rel": s,

@@ -8,17 +8,18 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from diffusion.bench import bench, measure
+from diffusion.bench import measure
+from diffusion.cli.bench import bench
 from diffusion.bench.measure import PeakMemory, count_flops, peak_matmul_flops
 from diffusion.bench.options import read_options
 from diffusion.bench.report import table
 from diffusion.bench.runner import new_engine
 from diffusion.bench.workloads import ModelSetup, Parts, build_model, seed_loop_sample
 from diffusion.models.layers import AttentionBlock
-from diffusion.objectives import EpsilonObjective
-from diffusion.samplers import image_generators, randn_per_image, sample_ddpm
-from diffusion.sampling import make_denoiser
-from diffusion.schedules import LinearSchedule
+from diffusion.process.objectives import EpsilonObjective
+from diffusion.process.samplers import image_generators, randn_per_image, sample_ddpm
+from diffusion.process.generate import make_denoiser
+from diffusion.process.schedules import LinearSchedule
 from tests.conftest import cli, compose_config
 
 # the matmul peak is the best of 10 repeats: 2 short ones fit inside one pause of the process (a run once saw

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.cascade import bicubic_baseline, consistency, psnr
+from diffusion.process.cascade import bicubic_baseline, consistency, psnr
 from diffusion.models import SuperResolutionUNet
 from diffusion.data.resize import area_downsample
 from diffusion.models.super_resolution import augment
-from diffusion.train import train
+from diffusion.cli.train import train
 from tests.conftest import cli, compose_config, smoke_overrides
 
 

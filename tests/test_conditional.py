@@ -4,12 +4,12 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.checkpoint import load_checkpoint
-from diffusion.labels import resolve_class_labels
+from diffusion.engine.checkpoint import load_checkpoint
+from diffusion.process.labels import resolve_class_labels
 from diffusion.models import UNet
-from diffusion.sample import sample
-from diffusion.sampling import guided_output
-from diffusion.train import train
+from diffusion.cli.sample import sample
+from diffusion.process.generate import guided_output
+from diffusion.cli.train import train
 from tests.conftest import compose_config, smoke_overrides
 from tests.helpers import perturb_zero_layers
 

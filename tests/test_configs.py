@@ -8,16 +8,16 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
-from diffusion.callbacks import Callback
+from diffusion.engine.callbacks import Callback
 from diffusion.config import CONFIG_DIR, resolve_num_classes
-from diffusion.loggers import Logger
-from diffusion.train import build_callbacks
+from diffusion.engine.loggers import Logger
+from diffusion.cli.train import build_callbacks
 from tests.conftest import compose_config, smoke_overrides
 
 # the groups of conf/train.yaml (``study`` and ``cascade`` belong to conf/eval.yaml and conf/sample.yaml)
 # groups a user chooses (debug_model is chosen by debug and model together)
 GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir()
-                if p.is_dir() and p.name not in ("hydra", "paths", "study", "cascade", "debug_model"))
+                if p.is_dir() and p.name not in ("hydra", "paths", "study", "cascade", "debug_model", "__pycache__"))
 
 
 def options(group: str) -> list[str]:
@@ -121,7 +121,7 @@ def test_an_unknown_loss_name_is_refused(tmp_path):
 
 
 def test_warmup_cosine_schedule_values():
-    from diffusion.optim import WarmupCosineLR
+    from diffusion.engine.optimizer import WarmupCosineLR
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = WarmupCosineLR(optimizer, warmup_steps=4, total_steps=12, min_lr_ratio=0.1)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from diffusion.data import DigitsDataset, EpochBatchSampler, ImageFolderDataset, TensorImageDataset
 from diffusion.errors import LoaderWorkerDied, exit_code_of
-from diffusion.train import train
+from diffusion.cli.train import train
 from tests.conftest import compose_config, smoke_overrides
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion.checkpoint import load_checkpoint
-from diffusion.train import train
+from diffusion.engine.checkpoint import load_checkpoint
+from diffusion.cli.train import train
 from tests.conftest import REPO, compose_config, smoke_overrides
 
 # a conditional model with label dropout, random flips and accumulation: every random draw of a step is exercised
@@ -22,10 +22,10 @@ OVERRIDES = smoke_overrides(**{"lr_scheduler": "constant", "optimizer.lr": 0.01,
 
 
 def torchrun(*args: str, runs_dir: Path, processes: int = 2) -> subprocess.Popen:
-    """Start ``torchrun --nproc_per_node=N -m diffusion.train ARGS`` writing under ``runs_dir``."""
+    """Start ``torchrun --nproc_per_node=N -m diffusion.cli.train ARGS`` writing under ``runs_dir``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "diffusion.train", *args, f"paths.runs_dir={runs_dir}"]
+               "-m", "diffusion.cli.train", *args, f"paths.runs_dir={runs_dir}"]
     return subprocess.Popen(command, cwd=runs_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from diffusion.objectives import EDMObjective
-from diffusion.samplers import image_generators, randn_per_image, sample_dpmpp_2m, sample_heun
-from diffusion.sampling import make_denoiser
-from diffusion.schedules import EDMSchedule
+from diffusion.process.objectives import EDMObjective
+from diffusion.process.samplers import image_generators, randn_per_image, sample_dpmpp_2m, sample_heun
+from diffusion.process.generate import make_denoiser
+from diffusion.process.schedules import EDMSchedule
 from tests.test_samplers import gaussian_data
 
 

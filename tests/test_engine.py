@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from diffusion.callbacks import Callback
-from diffusion.checkpoint import load_checkpoint, save_checkpoint
+from diffusion.engine.callbacks import Callback
+from diffusion.engine.checkpoint import load_checkpoint, save_checkpoint
 from diffusion.data import DigitsDataset
 from diffusion.models import UNet
-from diffusion.objectives import EpsilonObjective
-from diffusion.schedules import LinearSchedule
-from diffusion.train import train
-from diffusion.trainer import Trainer
+from diffusion.process.objectives import EpsilonObjective
+from diffusion.process.schedules import LinearSchedule
+from diffusion.cli.train import train
+from diffusion.engine.trainer import Trainer
 from tests.conftest import compose_config, smoke_overrides
 
 

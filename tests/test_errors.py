@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from diffusion.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from diffusion.config import CONFIG_DIR, check_value_types
 from diffusion.errors import CheckpointWriteError, TrainingDiverged, exit_code_of, reported_errors
-from diffusion.train import train
+from diffusion.cli.train import train
 from tests.conftest import cli, compose_config, smoke_overrides
 
 

@@ -10,13 +10,13 @@ from PIL import Image
 from hydra.errors import InstantiationException
 
 from diffusion.data import DigitsDataset, ImageFolderDataset
-from diffusion.eval import evaluate
-from diffusion.evaluation import METRIC_KEYS, reference_statistics
-from diffusion.features import DigitsClassifier, InceptionV3, extract, in_batches
-from diffusion.images import save_images
-from diffusion.metrics import high_frequency_energy
-from diffusion.samplers import steps_for_nfe
-from diffusion.train import train
+from diffusion.cli.eval import evaluate
+from diffusion.evaluation.evaluator import METRIC_KEYS, reference_statistics
+from diffusion.evaluation.features import DigitsClassifier, InceptionV3, extract, in_batches
+from diffusion.reports.images import save_images
+from diffusion.evaluation.metrics import high_frequency_energy
+from diffusion.process.samplers import steps_for_nfe
+from diffusion.cli.train import train
 from tests.conftest import cli, compose_config, smoke_overrides
 
 
@@ -218,7 +218,7 @@ def test_the_sampler_study_runs_every_sampler_on_a_budget_of_network_evaluations
 
 
 def test_a_budget_of_network_evaluations_gives_each_sampler_its_steps():
-    assert [steps_for_nfe(n, "diffusion.samplers.sample_heun") for n in (1, 2, 3, 10, 1000)] == [1, 1, 2, 5, 500]
+    assert [steps_for_nfe(n, "diffusion.process.samplers.sample_heun") for n in (1, 2, 3, 10, 1000)] == [1, 1, 2, 5, 500]
     assert [steps_for_nfe(n, "dpmpp_2m") for n in (1, 10, 1000)] == [1, 10, 1000]
     with pytest.raises(ValueError, match="nfe must be a positive number of network evaluations per image, got 0"):
         steps_for_nfe(0, "ddim")

@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from diffusion.callbacks.checkpoint import write_checkpoint
-from diffusion.checkpoint import load_checkpoint, save_checkpoint
-from diffusion.signals import StopRequest
-from diffusion.train import train
+from diffusion.engine.callbacks.checkpoint import write_checkpoint
+from diffusion.engine.checkpoint import load_checkpoint, save_checkpoint
+from diffusion.engine.signals import StopRequest
+from diffusion.cli.train import train
 from tests.conftest import REPO, cli, compose_config, smoke_overrides
 
 
@@ -141,7 +141,7 @@ def test_a_checkpoint_of_a_cuda_run_resumes_on_the_cpu(tmp_path, caplog, device_
     else:
         state["rng"].pop("train_generator_device")
     save_checkpoint(state, run / "checkpoints" / "last.pt")
-    with caplog.at_level(logging.WARNING, logger="diffusion.trainer"):
+    with caplog.at_level(logging.WARNING, logger="diffusion.engine.trainer"):
         result = train(compose_config("train", smoke_overrides(**{"trainer.max_steps": 6, "resume": str(run)}), run))
     assert result["step"] == 6 and math.isfinite(result["loss"])
     where = "cuda" if device_recorded else "the device it was saved on"

@@ -6,9 +6,9 @@ import pytest
 import scipy.linalg
 import torch
 
-import diffusion.metrics.kid as kid_module
+import diffusion.evaluation.metrics.kid as kid_module
 from diffusion.data import DigitsDataset
-from diffusion.metrics import (
+from diffusion.evaluation.metrics import (
     broken_images,
     conditional_accuracy,
     frechet_distance,

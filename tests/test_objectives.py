@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from diffusion.objectives import EpsilonObjective, VObjective, X0Objective
-from diffusion.schedules import CosineSchedule, LinearSchedule
+from diffusion.process.objectives import EpsilonObjective, VObjective, X0Objective
+from diffusion.process.schedules import CosineSchedule, LinearSchedule
 
 
 class NoiseOracle(torch.nn.Module):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.posthoc import (
+from diffusion.weights.posthoc import (
     combine_state_dicts,
     gamma_to_sigma_rel,
     posthoc_coefficients,

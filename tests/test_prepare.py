@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from diffusion.data import ImageFolderDataset
-from diffusion.prepare import REPORT, prepare
-from diffusion.prepare_image import to_8bit, to_output_mode
+from diffusion.data.prepare import REPORT, prepare
+from diffusion.data.prepare_image import to_8bit, to_output_mode
 from tests.conftest import cli, compose_config
 
 SIZE = 32

@@ -10,10 +10,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion.checkpoint import load_checkpoint
-from diffusion.pretrained import load_trained
-from diffusion.sampling import generate
-from diffusion.train import train
+from diffusion.engine.checkpoint import load_checkpoint
+from diffusion.weights.trained_model import load_trained
+from diffusion.process.generate import generate
+from diffusion.cli.train import train
 from tests.conftest import compose_config, smoke_overrides
 
 T = 20  # debug=smoke's schedule.num_timesteps
@@ -72,7 +72,7 @@ def test_make_train_is_a_class_conditional_digits_model_with_guidance(tmp_path):
     assert state["class_names"] == [str(digit) for digit in range(10)]
     assert state["model"]["class_embed.weight"].shape[0] == 11  # ten digits and the "no class" label
     # the time-to-quality benchmark's recipe: EDM's preconditioning on 2x2 patches (4 values of the 1-channel image)
-    assert config["objective"]["_target_"] == "diffusion.objectives.EDMObjective"
+    assert config["objective"]["_target_"] == "diffusion.process.objectives.EDMObjective"
     assert state["model"]["input_conv.weight"].shape[1] == 4
     assert (tmp_path / "samples" / "step_4.png").is_file()
     images = sampled(tmp_path / "checkpoints" / "last.pt", seeds=[5, 5], class_labels=[7, 3], guidance_scale=3.0)
@@ -121,7 +121,7 @@ def test_zero_terminal_snr_with_v_prediction_trains_and_samples_with_ddim(tmp_pa
     _, state, _ = train_recipe(tmp_path, "schedule.rescale_zero_terminal_snr=true", "objective=v")
     config = stored(state)
     assert config["schedule"]["rescale_zero_terminal_snr"] is True
-    assert config["objective"]["_target_"] == "diffusion.objectives.VObjective"
+    assert config["objective"]["_target_"] == "diffusion.process.objectives.VObjective"
     schedule = schedule_of(state)
     # Lin et al. 2024, Algorithm 1: the last step is pure noise, the first keeps its alpha-bar 1 - beta_start
     assert schedule.alphas_cumprod[-1].item() == 0.0 and schedule.zero_terminal_snr
@@ -135,7 +135,7 @@ def test_the_edm_recipe_trains_at_log_normal_noise_levels_and_samples_with_no_ex
     preconditioning on its own; the training draws fractional timesteps, the log-normal levels between the grid's."""
     _, state, _ = train_recipe(tmp_path, "objective=edm", "schedule=edm")
     config = stored(state)
-    assert config["objective"]["_target_"] == "diffusion.objectives.EDMObjective"
+    assert config["objective"]["_target_"] == "diffusion.process.objectives.EDMObjective"
     assert config["objective"]["sigma_data"] == 0.5 and config["objective"]["P_mean"] == -1.2
     schedule = schedule_of(state)
     assert type(schedule).__name__ == "EDMSchedule" and schedule.num_timesteps == T
@@ -148,8 +148,8 @@ def test_the_edm_recipe_trains_at_log_normal_noise_levels_and_samples_with_no_ex
 
 
 def test_the_edm_objective_refuses_a_schedule_whose_last_noise_level_is_infinite():
-    from diffusion.objectives import EDMObjective
-    from diffusion.schedules import LinearSchedule
+    from diffusion.process.objectives import EDMObjective
+    from diffusion.process.schedules import LinearSchedule
 
     with pytest.raises(ValueError, match="objective=edm needs finite noise levels, and this zero-terminal-SNR "
                                          "schedule ends at an infinite one: use schedule=edm"):

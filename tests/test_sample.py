@@ -5,12 +5,12 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from diffusion.checkpoint import load_checkpoint, save_checkpoint
+from diffusion.engine.checkpoint import load_checkpoint, save_checkpoint
 from diffusion.config import instantiate_from_checkpoint_config
-from diffusion.images import to_uint8
-from diffusion.sample import sample
-from diffusion.sampling import generate
-from diffusion.train import train
+from diffusion.reports.images import to_uint8
+from diffusion.cli.sample import sample
+from diffusion.process.generate import generate
+from diffusion.cli.train import train
 from tests.conftest import cli, compose_config, smoke_overrides
 
 
@@ -111,3 +111,23 @@ def test_a_missing_checkpoint_is_named(tmp_path):
     cfg = compose_config("sample", [f"checkpoint={tmp_path / 'nope.pt'}"], tmp_path)
     with pytest.raises(FileNotFoundError, match="nope.pt' does not exist"):
         sample(cfg)
+
+
+def test_a_checkpoint_written_before_the_sub_packages_samples_the_same_images(checkpoint, tmp_path):
+    """Format 3 named diffusion.schedules.*, diffusion.objectives.*...: loading moves them to their modules now."""
+    state = load_checkpoint(checkpoint)
+    old_names = {"diffusion.process.schedules.": "diffusion.schedules.", "diffusion.process.objectives.":
+                 "diffusion.objectives.", "diffusion.process.samplers.": "diffusion.samplers.",
+                 "diffusion.engine.trainer.": "diffusion.trainer.", "diffusion.engine.callbacks.": "diffusion.callbacks."}
+    config = state["config"]
+    for new, old in old_names.items():
+        assert new in config, new  # what the stored config names today, so the rewrite below changes something
+        config = config.replace(new, old)
+    save_checkpoint({**state, "format_version": 3, "config": config}, tmp_path / "old.pt")
+    parts = instantiate_from_checkpoint_config(load_checkpoint(tmp_path / "old.pt")["config"],
+                                               ("model", "schedule", "objective"))
+    assert type(parts["schedule"]).__module__ == "diffusion.process.schedules"
+    sample(compose_config("sample", [f"checkpoint={checkpoint}", "num_images=4", "sampler.steps=3"], tmp_path / "new"))
+    sample(compose_config("sample", [f"checkpoint={tmp_path / 'old.pt'}", "num_images=4", "sampler.steps=3"],
+                          tmp_path / "migrated"))
+    assert torch.equal(pixels(tmp_path / "new" / "grid.png"), pixels(tmp_path / "migrated" / "grid.png"))

@@ -11,17 +11,17 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import diffusion.samplers
+import diffusion.process.samplers
 from diffusion.config import CONFIG_DIR
 from diffusion.models import UNet
-from diffusion.objectives import EpsilonObjective
-from diffusion.samplers import (
+from diffusion.process.objectives import EpsilonObjective
+from diffusion.process.samplers import (
     image_generators, karras_sigmas, log_snr_sigmas, randn_per_image, sample_ddim, sample_ddpm, sample_dpmpp_2m,
     sample_dpmpp_2m_sde, sample_dpmpp_3m_sde, sample_edm, sample_euler, sample_euler_ancestral, sample_heun,
     sampling_sigmas, sampling_timesteps, steps_for_nfe,
 )
-from diffusion.sampling import generate, sampling_progress
-from diffusion.schedules import CosineSchedule, LinearSchedule, SigmoidSchedule
+from diffusion.process.generate import generate, sampling_progress
+from diffusion.process.schedules import CosineSchedule, LinearSchedule, SigmoidSchedule
 from tests.helpers import perturb_zero_layers
 
 
@@ -422,7 +422,7 @@ def test_every_sampler_keeps_the_documented_callback_contract(config):
         assert isinstance(info["x"], torch.Tensor) and isinstance(info["x0"], torch.Tensor)
         assert info["x"].shape == info["x0"].shape == x.shape
     torch.testing.assert_close(seen[-1]["x"], out)  # the last step reports the image returned
-    documented = set(re.findall(r"^- ``(\w+)``:", diffusion.samplers.__doc__, flags=re.MULTILINE))
+    documented = set(re.findall(r"^- ``(\w+)``:", diffusion.process.samplers.__doc__, flags=re.MULTILINE))
     passed = {key for info in seen for key in info}
     assert passed <= documented, f"{sorted(passed - documented)} passed to the callback but not documented"
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from diffusion.schedules import CosineSchedule, LinearSchedule, SigmoidSchedule, far_from_noise
-from diffusion.train import train
+from diffusion.process.schedules import CosineSchedule, LinearSchedule, SigmoidSchedule, far_from_noise
+from diffusion.cli.train import train
 from tests.conftest import compose_config, smoke_overrides
 
 
@@ -90,8 +90,8 @@ def test_zero_terminal_snr_rescaling(schedule_class):
 
 
 def test_zero_terminal_snr_refuses_what_cannot_work():
-    from diffusion.objectives import EpsilonObjective, VObjective
-    from diffusion.samplers import sampling_sigmas
+    from diffusion.process.objectives import EpsilonObjective, VObjective
+    from diffusion.process.samplers import sampling_sigmas
 
     schedule = LinearSchedule(100, rescale_zero_terminal_snr=True)
     with pytest.raises(ValueError, match="use objective=v"):
@@ -106,7 +106,7 @@ def test_zero_terminal_snr_refuses_what_cannot_work():
 
 
 def test_the_default_sampler_reaches_the_data_on_a_zero_terminal_snr_schedule():
-    from diffusion.samplers import image_generators, randn_per_image, sample_dpmpp_2m_sde
+    from diffusion.process.samplers import image_generators, randn_per_image, sample_dpmpp_2m_sde
     from tests.test_samplers import gaussian_data, gaussian_denoiser
 
     schedule = LinearSchedule(1000, rescale_zero_terminal_snr=True)
@@ -129,6 +129,6 @@ def test_a_schedule_ending_far_from_pure_noise_is_named_with_its_fix(caplog, tmp
     assert abs(math.log(fixed.alphas_cumprod[-1] / LinearSchedule(1000).alphas_cumprod[-1])) < 1  # 2.0e-5 vs 4.0e-5
     assert far_from_noise(LinearSchedule(500)) is None  # the seed's T = 500, as its checkpoints were trained
     assert far_from_noise(CosineSchedule(20)) is None and far_from_noise(SigmoidSchedule(20)) is None
-    with caplog.at_level(logging.WARNING, logger="diffusion.trainer"):
+    with caplog.at_level(logging.WARNING, logger="diffusion.engine.trainer"):
         train(compose_config("train", smoke_overrides(**{"trainer.max_steps": 1}), tmp_path))
     assert [r.message for r in caplog.records if "far from pure noise" in r.message] == [short]

@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion.checkpoint import load_weights
+from diffusion.engine.checkpoint import load_weights
 from diffusion.config import CONFIG_DIR
 from diffusion.models import SeedUNet
-from diffusion.pretrained import load_trained
-from diffusion.samplers import image_generators, randn_per_image
-from diffusion.sampling import generate
-from diffusion.schedules import LinearSchedule
+from diffusion.weights.trained_model import load_trained
+from diffusion.process.samplers import image_generators, randn_per_image
+from diffusion.process.generate import generate
+from diffusion.process.schedules import LinearSchedule
 from tests.conftest import cli
 
 REFERENCE_KEYS = Path(__file__).parent / "data" / "seed_unet_state_dict.txt"
@@ -250,8 +250,8 @@ def image_folder(root: Path, count: int = 8) -> Path:
 
 
 def test_fine_tuning_starts_from_a_seed_files_weights_and_adam_moments(tmp_path):
-    from diffusion.checkpoint import load_checkpoint
-    from diffusion.train import train
+    from diffusion.engine.checkpoint import load_checkpoint
+    from diffusion.cli.train import train
     from tests.conftest import compose_config
 
     torch.manual_seed(123)  # not the run's seed: a run from scratch starts elsewhere
@@ -282,8 +282,8 @@ def test_fine_tuning_starts_from_a_seed_files_weights_and_adam_moments(tmp_path)
 
 
 def test_the_seed_recipe_trains_seed_unet_under_the_engine_with_debug_smoke(tmp_path):
-    from diffusion.checkpoint import load_checkpoint
-    from diffusion.train import train
+    from diffusion.engine.checkpoint import load_checkpoint
+    from diffusion.cli.train import train
     from tests.conftest import compose_config
 
     cfg = compose_config("train", ["experiment=seed_cars64", f"dataset.root={image_folder(tmp_path / 'data')}",

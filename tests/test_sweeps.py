@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from diffusion.config import CONFIG_DIR
-from diffusion.report_tables import pivot_table
+from diffusion.reports.tables import pivot_table
 from tests.conftest import cli, compose_config, smoke_overrides
 
 # each job of a parallel sweep on one thread: two jobs on two cores, not four threads fighting for them

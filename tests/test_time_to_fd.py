@@ -8,14 +8,14 @@ import pytest
 import yaml
 from PIL import Image
 
-import diffusion.callbacks.metrics
-import diffusion.trainer
-from diffusion.callbacks.metrics import remaining_seconds
-from diffusion.checkpoint import load_checkpoint
-from diffusion.report import SweepReport
-from diffusion.report_tables import time_to_target
-from diffusion.train import train
-from diffusion.trainer import Trainer
+import diffusion.engine.callbacks.metrics
+import diffusion.engine.trainer
+from diffusion.engine.callbacks.metrics import remaining_seconds
+from diffusion.engine.checkpoint import load_checkpoint
+from diffusion.reports.sweep_report import SweepReport
+from diffusion.reports.tables import time_to_target
+from diffusion.cli.train import train
+from diffusion.engine.trainer import Trainer
 from tests.conftest import cli, compose_config, smoke_overrides
 
 EXPERIMENTS = ["digits_ddpm", "digits_min_snr", "digits_v_cosine", "digits_edm", "digits"]
@@ -42,7 +42,7 @@ def each_step_takes(seconds: float, monkeypatch) -> None:
         return original(self, batches)
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
-    monkeypatch.setattr(diffusion.trainer, "time", clock)
+    monkeypatch.setattr(diffusion.engine.trainer, "time", clock)
 
 
 def lines(run_dir) -> list[dict]:
@@ -58,7 +58,7 @@ def test_a_time_budget_ends_the_run_at_the_step_that_reaches_it_and_is_kept_acro
                                                                                            caplog):
     each_step_takes(0.75, monkeypatch)
     overrides = smoke_overrides(**{"trainer.max_steps": 20, "trainer.max_train_seconds": 2, **QUIET})
-    with caplog.at_level(logging.INFO, logger="diffusion.trainer"):
+    with caplog.at_level(logging.INFO, logger="diffusion.engine.trainer"):
         result = train(compose_config("train", overrides, tmp_path))
     # 0.75 s, 1.5 s, 2.25 s: the third step reaches the budget, and the run ends there as at max_steps
     assert result["step"] == 3 and result["train_seconds"] == 2.25 and result["stopped_by_signal"] is None
@@ -77,10 +77,10 @@ def test_a_time_budget_ends_the_run_at_the_step_that_reaches_it_and_is_kept_acro
 
 def test_under_a_time_budget_the_eta_counts_to_the_budget_not_to_max_steps(tmp_path, monkeypatch, caplog):
     each_step_takes(0.75, monkeypatch)
-    monkeypatch.setattr(diffusion.callbacks.metrics, "time", diffusion.trainer.time)  # the same clock
+    monkeypatch.setattr(diffusion.engine.callbacks.metrics, "time", diffusion.engine.trainer.time)  # the same clock
     overrides = smoke_overrides(**{"trainer.max_steps": 100, "trainer.max_train_seconds": 6, **QUIET,
                                    "callbacks.metrics.every": 2})
-    with caplog.at_level(logging.INFO, logger="diffusion.callbacks.metrics"):
+    with caplog.at_level(logging.INFO, logger="diffusion.engine.callbacks.metrics"):
         train(compose_config("train", overrides, tmp_path))
     # at step 2, 1.5 s of 6: 4.5 s left of the budget (it said 1m14s, the time to step 100, before)
     assert "step 2/100 " in caplog.text and "eta 4s" in caplog.text.split("step 2/100 ")[1].splitlines()[0]
@@ -194,8 +194,8 @@ def test_the_benchmark_sweeps_the_recipes_and_its_settings_win_over_theirs(exper
     evaluation = cfg.callbacks.evaluation
     assert (evaluation.every, evaluation.every_seconds, evaluation.at_end) == (0, 30, True)
     assert (evaluation.num_images, evaluation.guidance_scale) == (5000, 1.0)
-    assert (evaluation.sampler._target_, evaluation.sampler.steps) == ("diffusion.samplers.sample_dpmpp_2m", 20)
-    assert cfg.trainer.max_train_seconds is None and cfg.logger._target_ == "diffusion.loggers.CSVLogger"
+    assert (evaluation.sampler._target_, evaluation.sampler.steps) == ("diffusion.process.samplers.sample_dpmpp_2m", 20)
+    assert cfg.trainer.max_train_seconds is None and cfg.logger._target_ == "diffusion.engine.loggers.CSVLogger"
     assert cfg.task_name == "time_to_fd" and cfg.optimized_metric == "eval/best_fd"
     assert dict(cfg.hydra.sweeper.params) == {"experiment": ",".join(EXPERIMENTS)}
     report = SweepReport(plot=cfg.hydra.callbacks.report.plot)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from diffusion.callbacks import Callback
-from diffusion.checkpoint import load_checkpoint
-from diffusion.train import train
-from diffusion.trainer import Trainer
+from diffusion.engine.callbacks import Callback
+from diffusion.engine.checkpoint import load_checkpoint
+from diffusion.cli.train import train
+from diffusion.engine.trainer import Trainer
 from tests.conftest import REPO, cli, compose_config, smoke_overrides
 
 
@@ -182,7 +182,7 @@ def test_a_callback_added_through_yaml_alone_runs_at_its_cadence_and_keeps_its_s
 
 
 def test_the_csv_logger_merges_the_metrics_of_a_step_and_rewrites_a_resumed_tail(tmp_path):
-    from diffusion.loggers import CSVLogger
+    from diffusion.engine.loggers import CSVLogger
 
     logger = CSVLogger(tmp_path)
     logger.log_metrics({"loss": 1.0}, step=2)
@@ -210,7 +210,7 @@ def test_a_two_by_two_sweep_makes_four_runs(tmp_path):
         assert (job / "checkpoints" / "last.pt").is_file() and (job / "samples" / "step_4.png").is_file()
         assert (job / ".hydra" / "config.yaml").is_file() and "step 4/4" in (job / "train.log").read_text()
         config = load_checkpoint(job / "checkpoints" / "last.pt")["config"]
-        seen.add((config.split("_target_: diffusion.schedules.")[1].split()[0], config.split("lr: ")[1].split()[0]))
+        seen.add((config.split("_target_: diffusion.process.schedules.")[1].split()[0], config.split("lr: ")[1].split()[0]))
     assert seen == {("LinearSchedule", "0.0001"), ("CosineSchedule", "0.0001"),
                     ("LinearSchedule", "0.0003"), ("CosineSchedule", "0.0003")}
     report = json.loads((jobs[0].parent / "report.json").read_text())  # written when the sweep ends

@@ -1,5 +1,5 @@
 """``python -m diffusion.bench``."""
 
-from diffusion.bench.app import main
+from diffusion.cli.bench import main
 
 main()

@@ -62,7 +62,7 @@ def run_case(precision: str, compile: bool, data: Path, runs: Path, overrides: l
     """Train one case under ``torchrun --nproc_per_node=1``; its images per second from ``metrics.jsonl``."""
     name = f"{precision}{'-compile' if compile else ''}"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-               "-m", "diffusion.train", *BASE, f"dataset.root={data}", f"trainer.max_steps={steps}",
+               "-m", "diffusion.cli.train", *BASE, f"dataset.root={data}", f"trainer.max_steps={steps}",
                f"trainer.precision={precision}", f"trainer.compile={str(compile).lower()}",
                f"paths.runs_dir={runs / name}", *overrides]
     result = subprocess.run(command, capture_output=True, text=True)

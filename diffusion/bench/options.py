@@ -9,8 +9,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.bench.workloads import MODEL_DIR, ModelSetup, known_models
-from diffusion.devices import resolve_device
-from diffusion.trainer import PRECISIONS
+from diffusion.engine.devices import resolve_device
+from diffusion.engine.trainer import PRECISIONS
 
 SETUP_KEYS = {"image_size", "channels", "batch_size", "sample_batch_size", "model", "bare_sample_model"}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing
 
-from diffusion import distributed
+from diffusion.engine import distributed
 from diffusion.bench.measure import median, timed
 from diffusion.bench.options import BenchOptions
 from diffusion.bench.workloads import ModelSetup, Parts

@@ -16,11 +16,11 @@ from torch.utils.data import Dataset
 
 from diffusion.config import CONFIG_DIR
 from diffusion.data import TensorImageDataset, build_loader
-from diffusion.objectives import Objective
-from diffusion.samplers import randn_per_image
-from diffusion.schedules import NoiseSchedule
-from diffusion.signals import StopRequest
-from diffusion.trainer import PRECISIONS, Trainer
+from diffusion.process.objectives import Objective
+from diffusion.process.samplers import randn_per_image
+from diffusion.process.schedules import NoiseSchedule
+from diffusion.engine.signals import StopRequest
+from diffusion.engine.trainer import PRECISIONS, Trainer
 
 MODEL_DIR = Path(CONFIG_DIR) / "model"
 VARIANTS = ("eager", "channels_last", "compile")

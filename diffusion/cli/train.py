@@ -1,0 +1,136 @@
+"""``diffusion-train``: compose the config, instantiate every component, run the trainer (also under torchrun)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion.engine import distributed
+from diffusion.engine.callbacks import Callback
+from diffusion.data import LowResolutionPairs
+from diffusion.config import CONFIG_DIR, check_value_types, register_resolvers, resolve_num_classes
+from diffusion.errors import reported_errors
+from diffusion.engine.run_dir import checkpoint_to_resume, shown
+
+log = logging.getLogger(__name__)
+register_resolvers()
+
+
+def build_callbacks(cfg: DictConfig) -> dict[str, Callback]:
+    """The ``callbacks`` group, in config order, each checked to be a ``Callback``."""
+    callbacks = {}
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        if "_target_" not in node:
+            raise ValueError(f"callbacks.{name} has no _target_: give it one (see conf/callbacks/) or remove it "
+                             f"with ~callbacks.{name}")
+        callbacks[name] = instantiate(node)
+        if not isinstance(callbacks[name], Callback):
+            raise TypeError(f"callbacks.{name} ({node._target_}) is not a diffusion.engine.callbacks.Callback")
+    return callbacks
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train one model as ``cfg`` describes; returns the final metrics and callback summaries."""
+    world = distributed.init_process_group(cfg.trainer.timeout_minutes)
+    quiet_other_ranks(world)
+    batch = f"trainer.batch_size {cfg.trainer.batch_size}" + (f" split over {world.size} processes" if world.size > 1
+                                                              else "")
+    log.info("run directory: %s; %d process%s, %d images per step (%s, x %d accumulation steps)",
+             shown(cfg.paths.output_dir), world.size, "es" if world.size > 1 else "",
+             cfg.trainer.batch_size * cfg.trainer.accumulation_steps, batch, cfg.trainer.accumulation_steps)
+    torch.manual_seed(cfg.seed)
+    check_value_types(cfg.dataset, "dataset")
+    dataset = instantiate(cfg.dataset)
+    resolve_num_classes(cfg, dataset)
+    for group in ("trainer", "model", "schedule", "objective", "optimizer", "lr_scheduler", "callbacks", "logger"):
+        check_value_types(cfg.get(group), group)
+    model = instantiate(cfg.model)
+    if getattr(model, "low_resolution", None):  # a super-resolution stage trains on each image at two sizes
+        dataset = LowResolutionPairs(dataset, model.low_resolution)
+    schedule = instantiate(cfg.schedule)
+    objective = instantiate(cfg.objective)
+    optimizer = instantiate(cfg.optimizer)
+    lr_scheduler = instantiate(cfg.lr_scheduler)
+    trainer = instantiate(cfg.trainer)
+    callbacks = build_callbacks(cfg)
+    resume_from = checkpoint_to_resume(cfg.resume, cfg.paths.output_dir)
+    logger = instantiate(cfg.logger) if world.is_main else None
+    exit_code = 1
+    try:
+        if logger is not None:
+            logger.log_config(OmegaConf.to_container(cfg, resolve=True))
+        result = trainer.fit(
+            model=model,
+            schedule=schedule,
+            objective=objective,
+            dataset=dataset,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            run_dir=cfg.paths.output_dir,
+            callbacks=callbacks,
+            logger=logger,
+            resume_from=resume_from,
+            config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+            init_from=cfg.get("init_from"),
+        )
+        exit_code = 0
+    finally:
+        if logger is not None:
+            logger.finish(exit_code)
+    log.info("run directory: %s", shown(cfg.paths.output_dir))
+    return result
+
+
+def quiet_other_ranks(world: distributed.World) -> None:
+    """Only rank 0 writes ``train.log`` and prints progress; the other processes print warnings and errors."""
+    if world.is_main:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(logging.WARNING)
+
+
+def optimized_value(result: dict, name: str) -> float:
+    """The value a sweeper optimises: ``result[name]``, with an error naming what the run did report."""
+    if name not in result:
+        raise KeyError(f"optimized_metric={name!r} is not in this run's result; it has {sorted(result)} "
+                       "(eval/best_<metric> needs an evaluation: callbacks.evaluation.every, every_seconds or at_end)")
+    return float(result[name])
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def run(cfg: DictConfig) -> float | None:
+    """The Hydra task: train, then return ``optimized_metric`` for sweepers."""
+    sys.stdout.reconfigure(line_buffering=True)  # whole log lines reach files and pipes as they happen
+    with reported_errors("diffusion-train"):
+        result = train(cfg)
+    if result["stopped_by_signal"] is not None:
+        sys.exit(128 + result["stopped_by_signal"])
+    return optimized_value(result, cfg.optimized_metric)
+
+
+def main() -> None:
+    """Entry point of ``diffusion-train`` and ``python -m diffusion.cli.train``, alone or under torchrun/srun.
+
+    Several processes join their group before Hydra composes the config, so that rank 0 names the run
+    directory and every process writes into the same one.
+    """
+    distributed.init_process_group()
+    try:
+        run()
+    finally:
+        distributed.close_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""An image folder as a training set (``diffusion-prepare``): square PNGs of one size and mode, bad files set aside.
+
+``src`` is only read. For each file ``<class>/<name>.<ext>`` under it, ``dst`` receives either the image as
+``<class>/<name>.png`` or a copy of the file as ``<quarantine_dir>/<reason>/<class>/<name>.<ext>``, and
+``prepare_report.json`` records which, so that a second run redoes only what changed.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+from omegaconf import DictConfig
+from PIL import ImageColor, ImageFile
+from tqdm import tqdm
+
+from diffusion.data.prepare_image import DEFECTS, FITS, ImageSettings, Inspection, prepare_file
+
+log = logging.getLogger(__name__)
+
+REPORT = "prepare_report.json"
+REASONS = (*DEFECTS, "duplicate", "duplicate_name")
+# raise when a change of this code changes the files it writes: a report of another version is not reused
+FORMAT_VERSION = 1
+
+
+def prepare(cfg: DictConfig) -> dict:
+    """Prepare ``cfg.src`` into ``cfg.dst``; print a summary, write ``prepare_report.json``, return the report."""
+    start = time.perf_counter()
+    src, dst, quarantine = check_folders(cfg.src, cfg.dst, cfg.quarantine_dir)
+    settings = check_settings(cfg)
+    workers = check_workers(cfg.num_workers)
+    previous = previous_report(dst)
+    files, skipped = list_files(src)
+    options = {**asdict(settings), "quarantine_dir": str(quarantine), "format_version": FORMAT_VERSION}
+    reusable = previous.get("complete") and previous.get("settings") == options
+    dst.mkdir(parents=True, exist_ok=True)
+    if not (dst / REPORT).is_file():
+        write_json(dst / REPORT, {"complete": False, "settings": options})  # marks dst as this command's
+    folder = Preparation(src, dst, quarantine, settings, previous.get("files", []) if reusable else [])
+    with tqdm(total=len(files), desc="prepare", unit="file", dynamic_ncols=True,
+              disable=not sys.stderr.isatty()) as bar:
+        records = folder.run(files, workers, bar)
+    previous_roots = [dst, Path(previous.get("settings", {}).get("quarantine_dir", quarantine))]
+    removed = remove_stale(previous.get("files", []), records, dst, previous_roots)
+    seconds = time.perf_counter() - start
+    report = build_report(src, dst, options, workers, records, folder, removed, skipped, seconds)
+    write_json(dst / REPORT, report)
+    write_json(Path(cfg.paths.output_dir) / REPORT, report)
+    print(summary(report))
+    return report
+
+
+def check_folders(src: str, dst: str, quarantine_dir: str) -> tuple[Path, Path, Path]:
+    """The three folders as absolute paths; outputs may not go into src, nor src lie inside dst."""
+    src_path = Path(str(src)).expanduser().resolve()
+    if not src_path.is_dir():
+        raise FileNotFoundError(f"src={str(src)!r} does not exist or is not a folder: run with src=/path/to/images "
+                                "(a folder of images, or of one sub-folder of images per class)")
+    dst_path = Path(str(dst)).expanduser().resolve()
+    for name, path in (("dst", dst_path), ("quarantine_dir", Path(str(quarantine_dir)).expanduser().resolve())):
+        if path == src_path or src_path in path.parents:
+            raise ValueError(f"{name}={str(path)!r} is src or lies inside it: src is only read, and outputs there "
+                             f"would be read back as images; choose a folder outside it, e.g. "
+                             f"dst={src_path.parent / (src_path.name + '_prepared')}")
+    if dst_path in src_path.parents:
+        raise ValueError(f"src={str(src_path)!r} lies inside dst={str(dst_path)!r}: the originals would become a "
+                         "class of the prepared set; choose a dst that does not hold src")
+    if dst_path.exists() and not dst_path.is_dir():
+        raise ValueError(f"dst={str(dst_path)!r} is a file: choose a new or empty folder")
+    return src_path, dst_path, Path(str(quarantine_dir)).expanduser().resolve()
+
+
+def check_settings(cfg: DictConfig) -> ImageSettings:
+    """The image options, each checked, with the fix in the message."""
+    for name in ("image_size", "min_size"):
+        value, least = cfg[name], 1 if name == "image_size" else 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be a whole number of pixels of at least {least}, got {value!r}: "
+                             f"run with e.g. {name}={64 if name == 'image_size' else 0}")
+    if cfg.channels not in (1, 3):
+        raise ValueError(f"channels must be 3 (RGB) or 1 (grayscale), got {cfg.channels!r}")
+    if cfg.fit not in FITS:
+        raise ValueError(f"fit must be one of {', '.join(FITS)}, got {cfg.fit!r}: fit=crop resizes the shorter side "
+                         "and keeps the centre square, fit=pad resizes the longer side and pads to a square")
+    for name in ("background", "pad_color"):
+        try:
+            ImageColor.getrgb(str(cfg[name]))
+        except ValueError:
+            raise ValueError(f"{name}={cfg[name]!r} is not a colour: use a name (white, gray, black) or a quoted "
+                             f"hex code ({name}='\"#808080\"' on a command line)") from None
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process, so truncated files would pass "
+                           "for good ones: set it to False before preparing a folder")
+    return ImageSettings(image_size=cfg.image_size, channels=cfg.channels, fit=cfg.fit, background=str(cfg.background),
+                         pad_color=str(cfg.pad_color), min_size=cfg.min_size)
+
+
+def check_workers(num_workers: int | None) -> int:
+    """``num_workers``, or every core this process may use when it is null."""
+    if num_workers is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"num_workers must be a positive number of processes or null (every core), "
+                         f"got {num_workers!r}")
+    return num_workers
+
+
+def previous_report(dst: Path) -> dict:
+    """The report of an earlier run into ``dst``; ``{}`` for a new or empty dst; an error for someone else's files."""
+    path = dst / REPORT
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return {}  # damaged: nothing is reused, every file is prepared again
+    if dst.is_dir() and any(dst.iterdir()):
+        raise ValueError(f"dst={str(dst)!r} already holds files that diffusion-prepare did not write (there is no "
+                         f"{REPORT}): choose a new or empty folder")
+    return {}
+
+
+def list_files(src: Path) -> tuple[list[str], int]:
+    """Every file under ``src`` as a sorted relative POSIX path, and the number of entries skipped.
+
+    Hidden files and folders (``.DS_Store``, ``.git``) and what is not a file (a broken link) are skipped.
+    """
+    files, skipped = [], 0
+    for folder, dirs, names in os.walk(src):
+        skipped += sum(name.startswith(".") for name in dirs)
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+        for name in names:
+            path = Path(folder, name)
+            if name.startswith(".") or not path.is_file():
+                skipped += 1
+            else:
+                files.append(path.relative_to(src).as_posix())
+    if not files:
+        raise ValueError(f"src={str(src)!r} holds no files: point src at a folder of images, or of one sub-folder "
+                         "of images per class")
+    return sorted(files), skipped
+
+
+class Preparation:
+    """Decides in sorted path order what becomes of each file, and writes it.
+
+    Each file is inspected (in a worker) on its own; then the first of several files with the same bytes is kept
+    and the others are ``duplicate``; the first good image to become ``<name>.png`` takes the name and any later
+    one is ``duplicate_name``. A file whose size and modification time match the previous run's record is not
+    read again: its inspection is taken from the record.
+    """
+
+    def __init__(self, src: Path, dst: Path, quarantine: Path, settings: ImageSettings, previous: list[dict]) -> None:
+        self.src, self.dst, self.quarantine, self.settings = src, dst, quarantine, settings
+        self.previous = {record["source"]: record for record in previous}
+        self.first_with_digest: dict[str, str] = {}
+        # output names compare case-folded, so that dst can be copied to a case-insensitive file system
+        self.output_taken_by: dict[str, str] = {}
+        self.decoded = 0
+        self.written = 0
+        self.unchanged = 0
+
+    def run(self, files: list[str], workers: int, bar: tqdm) -> list[dict]:
+        """The record of each file, in order, each file's output or quarantine copy written."""
+        stats = [(self.src / source).stat() for source in files]
+        hits = [self.reusable_record(source, stat) for source, stat in zip(files, stats)]
+        jobs = [str(self.src / source) for source, hit in zip(files, hits) if hit is None]
+        inspect = partial(prepare_file, settings=self.settings)
+        self.decoded += len(jobs)
+        records, late = [], []
+        executor = ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))))
+        try:
+            inspected = executor.map(inspect, jobs, chunksize=max(1, min(64, len(jobs) // (8 * workers))))
+            for source, stat, hit in zip(files, stats, hits):
+                inspection = next(inspected) if hit is None else inspection_of(hit)
+                record = self.decide(source, stat, inspection)
+                if not self.settle(record, inspection, hit):  # kept now, but its PNG was not made: make it
+                    late.append((record, executor.submit(inspect, str(self.src / source))))
+                    self.decoded += 1
+                records.append(record)
+                bar.update()
+            for record, future in late:
+                inspection = future.result()
+                if inspection.png is None:
+                    raise RuntimeError(f"{record['source']} changed while it was being prepared: "
+                                       "run diffusion-prepare again")
+                self.settle(record, inspection, None)
+        finally:
+            executor.shutdown(cancel_futures=True)
+        return records
+
+    def reusable_record(self, source: str, stat: os.stat_result) -> dict | None:
+        """The previous run's record of ``source`` when the file has not changed since (same size and mtime)."""
+        hit = self.previous.get(source)
+        return hit if hit and (hit["bytes"], hit["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns) else None
+
+    def decide(self, source: str, stat: os.stat_result, inspection: Inspection) -> dict:
+        """Kept or quarantined, why, and where it goes."""
+        reason, detail = inspection.defect, inspection.detail
+        output = Path(source).with_suffix(".png").as_posix()
+        if reason is None:
+            earlier = self.first_with_digest.setdefault(inspection.sha256, source)
+            if earlier != source:
+                reason, detail = "duplicate", f"same bytes as {earlier}"
+            elif output.casefold() in self.output_taken_by:
+                reason, detail = "duplicate_name", f"{self.output_taken_by[output.casefold()]} already became {output}"
+            else:
+                self.output_taken_by[output.casefold()] = source
+        destination = self.dst / output if reason is None else self.quarantine / reason / source
+        size = self.settings.image_size
+        return {
+            "source": source, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": inspection.sha256,
+            "defect": inspection.defect, "mode": inspection.mode, "width": inspection.width,
+            "height": inspection.height,
+            "resized": inspection.defect is None and (inspection.width, inspection.height) != (size, size),
+            "status": "kept" if reason is None else "quarantined", "reason": reason, "detail": detail,
+            "destination": self.shown_destination(destination),
+        }
+
+    def settle(self, record: dict, inspection: Inspection, hit: dict | None) -> bool:
+        """Write the record's output or quarantine copy where it is missing or differs; False when a PNG is needed."""
+        target = self.dst / record["destination"]  # an absolute destination stays absolute
+        same_fate = hit and (hit["status"], hit["destination"]) == (record["status"], record["destination"])
+        if same_fate and target.is_file():
+            self.unchanged += 1
+            return True
+        if record["status"] == "quarantined":
+            changed = copy_if_changed(self.src / record["source"], target)
+        elif inspection.png is None:
+            return False
+        else:
+            changed = write_if_changed(target, inspection.png)
+        self.written += changed
+        self.unchanged += not changed
+        return True
+
+    def shown_destination(self, path: Path) -> str:
+        """A destination as the report keeps it: relative to dst when inside it, else absolute."""
+        return path.relative_to(self.dst).as_posix() if self.dst in path.parents else str(path)
+
+
+def inspection_of(record: dict) -> Inspection:
+    """The inspection a previous run recorded for an unchanged file."""
+    return Inspection(record["sha256"], record["defect"], record["detail"] if record["defect"] else "", record["mode"],
+                      record["width"], record["height"])
+
+
+def write_if_changed(path: Path, data: bytes) -> bool:
+    """Write ``data`` to ``path`` through a temporary file, unless it already holds exactly that; True if written."""
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")  # hidden, so a loader never reads a half-written file
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+    return True
+
+
+def copy_if_changed(source: Path, target: Path) -> bool:
+    """Copy ``source`` to ``target`` (with its times) unless ``target`` has the same bytes; True if copied."""
+    if target.is_file() and filecmp.cmp(source, target, shallow=False):
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    shutil.copy2(source, temporary)
+    os.replace(temporary, target)
+    return True
+
+
+def remove_stale(previous: list[dict], records: list[dict], dst: Path, roots: list[Path]) -> int:
+    """Remove what an earlier run wrote and this one no longer wants (its source is gone or now set aside).
+
+    Only files under ``roots`` (dst and the earlier quarantine folder) are touched: src never is.
+    """
+    wanted = {record["destination"] for record in records}
+    removed = 0
+    for record in previous:
+        path = (dst / record["destination"]).resolve()
+        if record["destination"] not in wanted and path.is_file() and any(root in path.parents for root in roots):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def build_report(src: Path, dst: Path, options: dict, workers: int, records: list[dict], folder: Preparation,
+                 removed: int, skipped: int, seconds: float) -> dict:
+    """Counts, timings and every file's record (the next run's starting point)."""
+    kept = [record for record in records if record["status"] == "kept"]
+    quarantined = [record for record in records if record["status"] == "quarantined"]
+    by_reason = Counter(record["reason"] for record in quarantined)
+    target_mode = "RGB" if options["channels"] == 3 else "L"
+    return {
+        "complete": True, "src": str(src), "dst": str(dst), "settings": options, "num_workers": workers,
+        "counts": {
+            "files": len(records), "kept": len(kept), "resized": sum(record["resized"] for record in kept),
+            "converted": dict(sorted(Counter(r["mode"] for r in kept if r["mode"] != target_mode).items())),
+            "quarantined": len(quarantined),
+            "quarantined_by_reason": {reason: by_reason[reason] for reason in REASONS if by_reason[reason]},
+            "decoded": folder.decoded, "written": folder.written, "unchanged": folder.unchanged, "removed": removed,
+            "skipped": skipped,
+        },
+        "seconds": round(seconds, 3),
+        "files_per_second": round(len(records) / seconds, 1),
+        "quarantine": [{key: record[key] for key in ("source", "reason", "detail")} for record in quarantined],
+        "files": records,
+    }
+
+
+def summary(report: dict) -> str:
+    """One screen: what was kept, what was set aside and why, how fast."""
+    counts, settings = report["counts"], report["settings"]
+    size, mode = settings["image_size"], "RGB" if settings["channels"] == 3 else "grayscale"
+    converted = counts["converted"]
+    notes = {"too_small": f"shorter side < min_size={settings['min_size']} (min_size=0 keeps them, enlarged)",
+             "duplicate": "same bytes as a file kept", "duplicate_name": "another image became the same .png"}
+
+    def row(label: str, number: int, note: str = "") -> str:
+        return f"{label:<20}{number:6d}  {note}".rstrip()
+
+    return "\n".join([
+        f"prepared {counts['files']} files of {report['src']} in {report['seconds']:.1f} s "
+        f"({report['files_per_second']:.1f} files/s, {report['num_workers']} workers)",
+        row("  kept", counts["kept"], f"-> {report['dst']} ({size}x{size} {mode} PNG, fit={settings['fit']})"),
+        row("    resized", counts["resized"]),
+        row("    converted", sum(converted.values()),
+            ("from " + ", ".join(f"{m}: {n}" for m, n in converted.items())) if converted else ""),
+        row("  quarantined", counts["quarantined"],
+            f"copies in {settings['quarantine_dir']}/<reason>/ (src is untouched)"),
+        *(row(f"    {reason}", n, notes.get(reason, "")) for reason, n in counts["quarantined_by_reason"].items()),
+        row("  this run wrote", counts["written"], f"files after decoding {counts['decoded']}; {counts['unchanged']} "
+            f"unchanged, {counts['removed']} stale removed, {counts['skipped']} hidden or special skipped"),
+        f"  report: {Path(report['dst']) / REPORT}",
+    ])
+
+
+def write_json(path: Path, data: dict) -> Path:
+    """Write ``data`` as indented JSON through a temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(temporary, path)
+    return path

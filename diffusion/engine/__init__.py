@@ -1,0 +1,1 @@
+"""The training engine: the trainer, its tasks, callbacks, loggers, distributed set-up and the checkpoint format."""

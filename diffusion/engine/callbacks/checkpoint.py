@@ -1,0 +1,89 @@
+"""Checkpoints on a cadence, a few kept, and one more when a signal stops the run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from diffusion.engine import distributed
+from diffusion.engine.callbacks.base import Callback
+from diffusion.engine.checkpoint import save_checkpoint
+from diffusion.errors import CheckpointWriteError
+from diffusion.engine.run_dir import shown
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointing(Callback):
+    """Every ``every`` steps, writes ``checkpoints/step_<N>.pt`` and points ``last.pt`` at it; keeps the newest
+    ``keep`` step files. On SIGINT/SIGTERM it writes ``last.pt`` before the run exits.
+
+    Args:
+        every: steps between checkpoints (0: only when stopped by a signal).
+        keep: ``step_<N>.pt`` files kept beside ``last.pt`` (0: ``last.pt`` alone).
+    """
+
+    order = 100  # after every other callback of the step, so their state is saved
+
+    def __init__(self, every: int = 1000, keep: int = 3) -> None:
+        self.every, self.keep = every, keep
+
+    def on_fit_start(self, trainer) -> None:
+        """Remove the partial files a killed writer of this run left (a run's checkpoints have one writer)."""
+        if trainer.is_main:
+            folder = trainer.run_dir / "checkpoints"
+            for partial in [*folder.glob(".*.pt.*.tmp"), *folder.glob(".*.pt.link")]:
+                partial.unlink(missing_ok=True)
+                log.info("removed %s, left by a writer that was killed", shown(partial))
+
+    def on_step_end(self, trainer) -> None:
+        if trainer.due(self.every):
+            self.save(trainer, keep_step_file=self.keep > 0)
+
+    def on_stop(self, trainer) -> None:
+        path = self.save(trainer, keep_step_file=False)
+        if trainer.is_main:
+            log.warning("stopped at step %d; checkpoint %s; continue with resume=auto", trainer.step, shown(path))
+
+    def save(self, trainer, keep_step_file: bool) -> Path:
+        """Write this step's checkpoint (every process gathers the state; rank 0 writes it).
+
+        ``last.pt`` is replaced first and ``step_<N>.pt`` linked to it after, so that a kill at any moment leaves a
+        ``last.pt`` that loads and is the newest checkpoint. A failed write keeps the previous ``last.pt`` and stops
+        the run on every process with ``CheckpointWriteError``.
+        """
+        folder = trainer.run_dir / "checkpoints"
+        state = trainer.state_dict()
+        last, step_file = folder / "last.pt", folder / f"step_{trainer.step}.pt"
+        failure = None
+        if trainer.is_main:
+            try:
+                write_checkpoint(state, last, step_file if keep_step_file else None, self.keep)
+            except OSError as error:
+                failure = f"could not write {shown(step_file if keep_step_file else last)}: {error.strerror or error}"
+        if distributed.broadcast(failure) is not None:
+            raise CheckpointWriteError(
+                f"{failure}. The previous checkpoint is kept: free disk space or make {shown(folder)} writable "
+                "(or set paths.runs_dir), then continue with resume=auto")
+        if keep_step_file and trainer.is_main:
+            log.info("checkpoint: %s", shown(step_file))
+        return step_file if keep_step_file else last
+
+
+def write_checkpoint(state: dict, last: Path, step_file: Path | None, keep: int) -> None:
+    """Replace ``last`` atomically, then give it a second name ``step_file`` and prune to the newest ``keep``."""
+    save_checkpoint(state, last)
+    if step_file is None:
+        return
+    tmp = step_file.with_name(f".{step_file.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(last, tmp)  # the step file shares last.pt's data: one write
+        os.replace(tmp, step_file)
+    except OSError:  # a file system without hard links: a second copy
+        tmp.unlink(missing_ok=True)
+        save_checkpoint(state, step_file)
+    step_files = sorted(last.parent.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    for old in step_files[:-keep]:
+        old.unlink()

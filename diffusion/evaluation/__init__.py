@@ -1,0 +1,1 @@
+"""Measuring samples: the evaluator, feature extractors and metrics."""
