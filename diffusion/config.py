@@ -17,6 +17,7 @@ from diffusion.engine.distributed import computed_by_rank_zero
 from diffusion.engine.run_dir import run_dir_for
 from diffusion.process.samplers import steps_for_nfe
 from diffusion.reports.sweeps import register_sweep_resolvers
+from diffusion.errors import CheckpointError, ConfigError
 
 
 def now(format: str) -> str:
@@ -47,7 +48,7 @@ def check_targets(node: Any, allowed: tuple[str, ...] = ("diffusion.",), where: 
     if isinstance(node, DictConfig):
         target = node.get("_target_")
         if target is not None and not str(target).startswith(allowed):
-            raise ValueError(f"{where} names _target_ {target!r}, outside {allowed}: refusing to instantiate it")
+            raise ConfigError(f"{where} names _target_ {target!r}, outside {allowed}: refusing to instantiate it")
         for key in node:
             check_targets(node[key], allowed, f"{where}.{key}")
     elif isinstance(node, ListConfig):
@@ -93,7 +94,7 @@ def check_arguments(node: DictConfig, target: str, where: str) -> None:
         # beside other types (a tensor, a sequence) only a word where a number belongs is surely wrong
         if not fits and (not others or (isinstance(value, str) and str not in kinds)):
             expected = " or ".join(TYPE_NAMES[kind] for kind in kinds)
-            raise ValueError(f"{where}.{key}={value!r} must be {expected} ({target.rsplit('.', 1)[-1]}'s {key})")
+            raise ConfigError(f"{where}.{key}={value!r} must be {expected} ({target.rsplit('.', 1)[-1]}'s {key})")
 
 
 def plain_types(hint: Any) -> tuple[tuple[type, ...], bool]:
@@ -113,12 +114,13 @@ def resolve_num_classes(cfg: DictConfig, dataset: Any) -> None:
 def instantiate_from_checkpoint_config(config_yaml: str, keys: tuple[str, ...]) -> dict[str, Any]:
     """Rebuild the named components (``model``, ``schedule``...) from a checkpoint's stored config."""
     if not config_yaml:
-        raise ValueError("the checkpoint holds no config: it cannot rebuild its model; pass a checkpoint of this platform")
+        raise CheckpointError("the checkpoint holds no config: it cannot rebuild its model; pass a checkpoint of "
+                              "this platform")
     cfg = OmegaConf.create(config_yaml)
     components = {}
     for key in keys:
         if key not in cfg:
-            raise ValueError(f"the checkpoint's config has no '{key}' section")
+            raise CheckpointError(f"the checkpoint's config has no '{key}' section")
         check_targets(cfg[key], where=key)
         components[key] = instantiate(cfg[key])
     return components
@@ -132,7 +134,7 @@ def sampler_from_config(name: str, steps: int | None, key: str) -> Any:
     path = Path(CONFIG_DIR) / "sampler" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ValueError(f"{key}={name!r} has no conf/sampler/{name}.yaml; choose from {known}")
+        raise ConfigError(f"{key}={name!r} has no conf/sampler/{name}.yaml; choose from {known}")
     sampler = OmegaConf.load(path)
     if steps is not None:
         sampler.steps = steps

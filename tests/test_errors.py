@@ -1,15 +1,32 @@
-"""A user's mistake ends a command with one line that names the fix and a documented exit code, no traceback."""
+"""A user's mistake ends a command with one line that names the fix and a documented exit code, no traceback; a bug
+keeps its traceback and exits with 1."""
 
+import os
 import pathlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from diffusion.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
-from diffusion.config import CONFIG_DIR, check_value_types
-from diffusion.errors import CheckpointWriteError, TrainingDiverged, exit_code_of, reported_errors
+from diffusion.config import CONFIG_DIR, check_value_types, register_resolvers
+from diffusion.errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    ConfigError,
+    DataError,
+    PathNotFound,
+    TrainingDiverged,
+    exit_code_of,
+    message_of,
+    reported_errors,
+)
 from diffusion.cli.train import train
 from tests.conftest import cli, compose_config, smoke_overrides
 
@@ -63,6 +80,12 @@ CASES = [
     ("prepare", ["src=no_such_folder", "dst=prepared"], r"src='no_such_folder' does not exist or is not a folder"),
     ("sample", ["checkpoint={conditional}", "device=gpu"], r"device='gpu' is not a device: use auto, cpu, cuda or "
                                                             r"cuda:N"),
+    ("sample", ["cascade=digits_16_32", "cascade.stages.base.checkpoint={conditional}",
+                "cascade.stages.sr32.checkpoint={conditional}", "cascade.stages.base.sampler=nope"],
+     r"cascade.stages.base.sampler='nope' has no conf/sampler/nope.yaml; choose from \['ddim'"),
+    ("sample", ["checkpoint={conditional}", "weights=ema_0.5"], r"weights='ema_0.5' is not in .*: it has raw, ema"),
+    ("posthoc", ["checkpoint={conditional}", "sigma_rel=wide"], r"sigma_rel='wide' must be a number"),
+    ("convert", [], r"checkpoint is not set \(it is \?\?\?\): pass checkpoint=\.\.\. on the command line"),
     ("train", ["debug=smoke", "logger=none", "trainer.device=gpu"], r"trainer.device='gpu' is not a device"),
 ]
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
@@ -95,21 +118,107 @@ def test_a_bad_config_choice_is_named_by_hydra_with_the_choices_and_exits_1(tmp_
 
 
 def test_the_traceback_stays_available_with_hydra_full_error(tmp_path):
-    result = cli("sample", "checkpoint=nope.pt", cwd=tmp_path, check=False, env={"HYDRA_FULL_ERROR": "1"})
-    assert result.returncode == 1 and "Traceback" in result.stderr and "FileNotFoundError" in result.stderr
+    result = cli("prepare", "src=no_such_folder", "dst=prepared", cwd=tmp_path, check=False,
+                 env={"HYDRA_FULL_ERROR": "1"})
+    assert result.returncode == 1 and "Traceback" in result.stderr
+    assert re.search(r"PathNotFound: src='no_such_folder' does not exist", result.stderr), result.stderr
+
+
+# runs a command's main() after replacing one function of the package by one that raises ``error``
+PATCHED_COMMAND = """
+import importlib, sys
+from diffusion.errors import ConfigError
+
+def broken_internals(*args, **kwargs):
+    raise {error}
+
+setattr(importlib.import_module({module!r}), {function!r}, broken_internals)
+command = importlib.import_module("diffusion.cli.{command}")
+sys.argv = ["diffusion-{command}", *sys.argv[1:]]
+command.main()
+"""
+# (command, the module and function replaced, arguments that would get there)
+PATCHED = [("prepare", "diffusion.data.prepare", "check_folders", ["src=images", "dst=prepared"]),
+           ("sample", "diffusion.cli.sample", "resolve_device", ["checkpoint=model.pt"])]
+
+
+def run_patched(command: str, module: str, function: str, error: str, args: list[str], cwd: Path):
+    """Run ``diffusion-<command> ARGS`` in a new process, with ``module.function`` raising ``error``."""
+    script = PATCHED_COMMAND.format(command=command, module=module, function=function, error=error)
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-c", script, *args, f"paths.runs_dir={cwd / 'runs'}"], cwd=cwd,
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("command, module, function, args", PATCHED, ids=[c for c, *_ in PATCHED])
+def test_an_internal_value_error_is_a_bug_shown_with_its_traceback_and_exits_1(tmp_path, command, module, function,
+                                                                                 args):
+    result = run_patched(command, module, function, 'ValueError("internal")', args, tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" in result.stderr and "in broken_internals" in result.stderr, output
+    assert re.search(r"^ValueError: internal$", result.stderr, re.M), output
+    assert not any("[ERROR]" in line for line in output.splitlines()), output  # not reduced to one logged line
+
+
+@pytest.mark.parametrize("command, module, function, args", PATCHED, ids=[c for c, *_ in PATCHED])
+def test_a_user_error_raised_in_the_same_place_is_one_line_and_exits_2(tmp_path, command, module, function, args):
+    result = run_patched(command, module, function, 'ConfigError("x=3 is wrong: run with x=4")', args, tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output and "broken_internals" not in output
+    errors = [line for line in output.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1 and errors[0].endswith(f"diffusion-{command}: x=3 is wrong: run with x=4"), output
+
+
+def wrapped_by_hydra(error: Exception) -> InstantiationException:
+    """``error`` as Hydra raises it from a component's constructor."""
+    try:
+        raise InstantiationException("Error in call to target") from error
+    except InstantiationException as wrapper:
+        return wrapper
 
 
 def test_exit_codes_of_the_errors_and_a_bug_keeps_its_traceback():
-    assert [exit_code_of(e) for e in (ValueError("x"), FileNotFoundError("x"), CheckpointWriteError("x"),
-                                      TrainingDiverged("x"), TypeError("x"), KeyError("x"))] == [2, 2, 3, 4, None, None]
+    user_errors = (ConfigError("x"), DataError("x"), CheckpointError("x"), PathNotFound("x"),
+                   MissingMandatoryValue("x"), wrapped_by_hydra(ConfigError("x")))
+    assert [exit_code_of(e) for e in user_errors] == [2] * len(user_errors)
+    assert [exit_code_of(e) for e in (CheckpointWriteError("x"), TrainingDiverged("x"))] == [3, 4]
+    bugs = (ValueError("x"), FileNotFoundError("x"), TypeError("x"), KeyError("x"), wrapped_by_hydra(ValueError("x")))
+    assert [exit_code_of(e) for e in bugs] == [None] * len(bugs)
     with pytest.raises(SystemExit) as stopped, reported_errors("diffusion-test"):
         raise TrainingDiverged("x")
     assert stopped.value.code == 4
-    with pytest.raises(TypeError), reported_errors("diffusion-test"):  # a bug: raised as it is
-        raise TypeError("x")
+    with pytest.raises(SystemExit) as stopped, reported_errors("diffusion-test"):
+        raise DataError("x")
+    assert stopped.value.code == 2
+    for bug in (TypeError("x"), ValueError("x")):  # a bug: raised as it is
+        with pytest.raises(type(bug)), reported_errors("diffusion-test"):
+            raise bug
     with pytest.raises(SystemExit) as stopped, reported_errors("diffusion-test"):
         raise KeyboardInterrupt
     assert stopped.value.code == 130
+
+
+def raised_by(function) -> Exception:
+    """The exception ``function()`` raises."""
+    with pytest.raises(Exception) as raised:
+        function()
+    return raised.value
+
+
+def test_an_error_a_config_resolver_raises_is_judged_by_what_it_raised():
+    register_resolvers()
+    cfg = OmegaConf.create({"nfe": 0, "steps": "${diffusion_steps_for_nfe:${nfe},heun}",
+                            "broken": "${test_broken_resolver:}"})
+    mistake = raised_by(lambda: cfg.steps)
+    assert exit_code_of(mistake) == 2 and message_of(mistake).startswith("nfe must be a positive number")
+    OmegaConf.register_new_resolver("test_broken_resolver", lambda: 1 // 0)
+    try:
+        assert exit_code_of(raised_by(lambda: cfg.broken)) is None  # a bug in a resolver keeps its traceback
+    finally:
+        OmegaConf.clear_resolver("test_broken_resolver")
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")))

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion.bench.workloads import MODEL_DIR, ModelSetup, known_models
 from diffusion.engine.devices import resolve_device
 from diffusion.engine.trainer import PRECISIONS
+from diffusion.errors import ConfigError
 
 SETUP_KEYS = {"image_size", "channels", "batch_size", "sample_batch_size", "model", "bare_sample_model"}
 
@@ -42,26 +43,27 @@ class BenchOptions:
 def model_setup(name: str, per_model: DictConfig) -> ModelSetup:
     """The setup of model ``name`` from ``per_model``."""
     if not (MODEL_DIR / f"{name}.yaml").is_file():
-        raise ValueError(f"bench model {name!r} has no conf/model/{name}.yaml; choose from {known_models()} (models=[...])")
+        raise ConfigError(f"bench model {name!r} has no conf/model/{name}.yaml; choose from {known_models()} "
+                          "(models=[...])")
     if name not in per_model:
-        raise ValueError(
+        raise ConfigError(
             f"models lists {name!r} but per_model has no entry for it: add "
             f"'+per_model.{name}={{image_size:32,channels:3,batch_size:16,sample_batch_size:16,model:{{}}}}'"
         )
     entry = OmegaConf.to_container(per_model[name], resolve=True)
     unknown = sorted(set(entry) - SETUP_KEYS)
     if unknown:
-        raise ValueError(f"per_model.{name} has unknown keys {unknown}; the keys are {sorted(SETUP_KEYS)}")
+        raise ConfigError(f"per_model.{name} has unknown keys {unknown}; the keys are {sorted(SETUP_KEYS)}")
     for key in ("image_size", "channels", "batch_size", "sample_batch_size"):
         if not isinstance(entry.get(key), int) or entry[key] < 1:
-            raise ValueError(f"per_model.{name}.{key} must be a positive integer, got {entry.get(key)!r}")
+            raise ConfigError(f"per_model.{name}.{key} must be a positive integer, got {entry.get(key)!r}")
     return ModelSetup(name=name, **{"model": {}, "bare_sample_model": {}, **entry})
 
 
 def read_options(cfg: DictConfig) -> BenchOptions:
     """Check the bench's config and turn it into ``BenchOptions``."""
     if not cfg.models:
-        raise ValueError("models is empty: name at least one model config, e.g. models=[unet_tiny]")
+        raise ConfigError("models is empty: name at least one model config, e.g. models=[unet_tiny]")
     setups = [model_setup(str(name), cfg.per_model) for name in cfg.models]
     device = resolve_device(cfg.device)
     if cfg.precisions == "auto":
@@ -70,28 +72,30 @@ def read_options(cfg: DictConfig) -> BenchOptions:
         precisions = [str(p) for p in cfg.precisions] if OmegaConf.is_list(cfg.precisions) else [str(cfg.precisions)]
         unknown = [p for p in precisions if p not in PRECISIONS]
         if unknown or not precisions:
-            raise ValueError(f"precisions={unknown or precisions} is not known: use auto or a list from {list(PRECISIONS)}")
+            raise ConfigError(f"precisions={unknown or precisions} is not known: use auto or a list from "
+                              f"{list(PRECISIONS)}")
     if cfg.threads is not None and cfg.threads < 1:
-        raise ValueError(f"threads={cfg.threads} must be positive, or null for PyTorch's default")
+        raise ConfigError(f"threads={cfg.threads} must be positive, or null for PyTorch's default")
     if cfg.warmup < 0 or cfg.repeats < 1 or cfg.min_repeat_seconds < 0:
-        raise ValueError(
+        raise ConfigError(
             f"warmup={cfg.warmup}, repeats={cfg.repeats}, min_repeat_seconds={cfg.min_repeat_seconds}: "
             "use warmup >= 0, repeats >= 1 and min_repeat_seconds >= 0"
         )
     if not cfg.peak.sizes or min(cfg.peak.sizes) < 1 or cfg.peak.repeats < 1:
-        raise ValueError("peak.sizes must list positive matrix sides and peak.repeats be >= 1, e.g. peak.sizes=[1024,2048]")
+        raise ConfigError("peak.sizes must list positive matrix sides and peak.repeats be >= 1, "
+                          "e.g. peak.sizes=[1024,2048]")
     if cfg.loader.num_workers < 0:
-        raise ValueError(f"loader.num_workers={cfg.loader.num_workers} must be >= 0")
+        raise ConfigError(f"loader.num_workers={cfg.loader.num_workers} must be >= 0")
     folder = cfg.loader.image_folder
     if folder is not None and not Path(folder).expanduser().is_dir():
-        raise ValueError(f"loader.image_folder={folder!r} is not a folder: point it at a folder of images, or null")
+        raise ConfigError(f"loader.image_folder={folder!r} is not a folder: point it at a folder of images, or null")
     if cfg.profile and cfg.profile_steps < 1:
-        raise ValueError(f"profile_steps={cfg.profile_steps} must be >= 1 when profile=true")
+        raise ConfigError(f"profile_steps={cfg.profile_steps} must be >= 1 when profile=true")
     if cfg.processes < 0:
-        raise ValueError(f"processes={cfg.processes} must be >= 0 (0 or 1: no multi-process measurement)")
+        raise ConfigError(f"processes={cfg.processes} must be >= 0 (0 or 1: no multi-process measurement)")
     whole = cfg.whole_sample
     if whole.enabled and (not isinstance(whole.steps, int) or whole.steps < 1):
-        raise ValueError(f"whole_sample.steps={whole.steps!r} must be a positive integer, e.g. whole_sample.steps=20")
+        raise ConfigError(f"whole_sample.steps={whole.steps!r} must be a positive integer, e.g. whole_sample.steps=20")
     variants = ["eager"] + [name for name in ("channels_last", "compile") if cfg[name]]
     return BenchOptions(
         setups=setups,

@@ -65,12 +65,12 @@ def describe(path: str | Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``diffusion-describe`` and ``python -m diffusion.cli.describe``."""
-    from diffusion.errors import reported_errors
+    from diffusion.errors import ConfigError, reported_errors
 
     with reported_errors("diffusion-describe"):
         args = OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv)
         if set(args) != {"checkpoint"}:
-            raise ValueError("usage: diffusion-describe checkpoint=PATH")
+            raise ConfigError("usage: diffusion-describe checkpoint=PATH")
         print(describe(args.checkpoint))
 
 

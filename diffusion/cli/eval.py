@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.config import CONFIG_DIR, check_value_types, register_resolvers
-from diffusion.errors import reported_errors
+from diffusion.errors import ConfigError, reported_errors
 from diffusion.evaluation.evaluator import (
     BROKEN_GRID_SIZE,
     compute_metrics,
@@ -58,7 +58,7 @@ def sample_checkpoint(cfg: DictConfig, device: torch.device, image_size: int, ch
     trained = load_trained(cfg.checkpoint, cfg.weights, device, OmegaConf.to_container(cfg.seed_format))
     model, schedule, objective, state = trained.model, trained.schedule, trained.objective, trained.state
     if (model.image_size, model.in_channels) != (image_size, channels):
-        raise ValueError(
+        raise ConfigError(
             f"the checkpoint makes {model.in_channels}-channel {model.image_size}x{model.image_size} images but the "
             f"reference data set has {channels}-channel {image_size}x{image_size} ones: run with "
             f"dataset.image_size={model.image_size} dataset.channels={model.in_channels}"
@@ -89,11 +89,11 @@ def chosen_source(cfg: DictConfig) -> str:
     """Which of ``checkpoint``, ``images`` and ``real_split`` is measured; exactly one must be set."""
     chosen = [name for name in SOURCES if cfg.get(name) not in (None, "")]
     if len(chosen) != 1:
-        raise ValueError(f"diffusion-eval measures one source, got {chosen or 'none'}: pass exactly one of "
-                         "checkpoint=PATH, images=FOLDER, real_split=test or cascade=<name>")
+        raise ConfigError(f"diffusion-eval measures one source, got {chosen or 'none'}: pass exactly one of "
+                          "checkpoint=PATH, images=FOLDER, real_split=test or cascade=<name>")
     if chosen == ["real_split"] and "split" not in cfg.dataset:
-        raise ValueError(f"real_split={cfg.real_split!r} needs a data set with splits (e.g. dataset=digits); "
-                         f"{cfg.dataset._target_} has none: use images=FOLDER with held-out images instead")
+        raise ConfigError(f"real_split={cfg.real_split!r} needs a data set with splits (e.g. dataset=digits); "
+                          f"{cfg.dataset._target_} has none: use images=FOLDER with held-out images instead")
     return chosen[0]
 
 
@@ -124,9 +124,9 @@ def cascade_images(cfg: DictConfig, device: torch.device, image_size: int, chann
     stages = load_stages(cfg.cascade, device)
     final = stages[-1].trained.model
     if (final.image_size, final.in_channels) != (image_size, channels):
-        raise ValueError(f"the cascade ends at {final.in_channels}-channel {final.image_size}x{final.image_size} "
-                         f"images but the reference data set has {channels}-channel {image_size}x{image_size} ones: "
-                         f"run with dataset.image_size={final.image_size} dataset.channels={final.in_channels}")
+        raise ConfigError(f"the cascade ends at {final.in_channels}-channel {final.image_size}x{final.image_size} "
+                          f"images but the reference data set has {channels}-channel {image_size}x{image_size} ones: "
+                          f"run with dataset.image_size={final.image_size} dataset.channels={final.in_channels}")
     base = stages[0].trained
     labels = cycled_labels(cfg.num_images, base.model.num_classes)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))

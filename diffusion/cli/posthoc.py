@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from diffusion.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from diffusion.config import CONFIG_DIR, register_resolvers
-from diffusion.errors import reported_errors
+from diffusion.errors import ConfigError, reported_errors
 from diffusion.engine.run_dir import shown
 from diffusion.weights.choose import reconstruct
 
@@ -25,8 +25,9 @@ KEPT = ("step", "epoch", "model", "config", "class_names", "code_version", "conv
 
 def posthoc(cfg: DictConfig) -> Path:
     """Reconstruct the EMA of ``cfg.sigma_rel`` at the step of ``cfg.checkpoint``; write ``posthoc_rel<x>.pt``."""
+    sigma_rel = sigma_rel_of(cfg)
     state = load_checkpoint(cfg.checkpoint)
-    chosen = reconstruct(cfg.checkpoint, state, float(cfg.sigma_rel))
+    chosen = reconstruct(cfg.checkpoint, state, sigma_rel)
     entry = {"kind": "posthoc_ema", "state_dict": chosen.state_dict, "num_updates": chosen.info["step"],
              **{key: chosen.info[key] for key in ("sigma_rel", "gamma", "snapshots", "profile_error")}}
     written = {"format_version": FORMAT_VERSION, **{key: state[key] for key in KEPT if key in state},
@@ -35,6 +36,14 @@ def posthoc(cfg: DictConfig) -> Path:
     log.info("wrote %s (its ema is %s; weights only, no optimizer: fine-tune from it with init_from=): sample it "
              "with diffusion-sample checkpoint=%s", shown(path), chosen.name, shown(path))
     return path
+
+
+def sigma_rel_of(cfg: DictConfig) -> float:
+    """``cfg.sigma_rel`` as a number, or a ConfigError naming the fix."""
+    try:
+        return float(cfg.sigma_rel)
+    except (TypeError, ValueError):
+        raise ConfigError(f"sigma_rel={cfg.sigma_rel!r} must be a number, e.g. sigma_rel=0.07") from None
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="posthoc")

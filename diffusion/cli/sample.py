@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.config import CONFIG_DIR, check_value_types
-from diffusion.errors import reported_errors
+from diffusion.errors import ConfigError, reported_errors
 from diffusion.reports.images import save_grid, save_images
 from diffusion.process.labels import resolve_class_labels
 from diffusion.weights.trained_model import load_trained
@@ -29,12 +29,12 @@ def sample(cfg: DictConfig) -> Path:
     """Sample ``cfg.num_images`` images (image i from seed ``cfg.seed + i``); returns the grid's path."""
     if cfg.get("cascade") is not None:
         if cfg.checkpoint:
-            raise ValueError("pass either checkpoint=PATH or cascade=<name> (with the checkpoints of its stages), "
-                             "not both")
+            raise ConfigError("pass either checkpoint=PATH or cascade=<name> (with the checkpoints of its stages), "
+                              "not both")
         return sample_a_cascade(cfg)
     if not cfg.checkpoint:
-        raise ValueError("diffusion-sample needs checkpoint=PATH, or cascade=<name> with "
-                         "cascade.stages.<stage>.checkpoint=PATH for each of its stages (conf/cascade/)")
+        raise ConfigError("diffusion-sample needs checkpoint=PATH, or cascade=<name> with "
+                          "cascade.stages.<stage>.checkpoint=PATH for each of its stages (conf/cascade/)")
     device = resolve_device(cfg.device)
     trained = load_trained(cfg.checkpoint, cfg.weights, device, OmegaConf.to_container(cfg.seed_format))
     model, schedule, objective, state, class_names = (trained.model, trained.schedule, trained.objective,

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from diffusion.data.resize import area_downsample, check_downsample_from
 from diffusion.data.tensor import TensorImageDataset
+from diffusion.errors import ConfigError
 
 
 class DigitsDataset(TensorImageDataset):
@@ -33,11 +34,11 @@ class DigitsDataset(TensorImageDataset):
         from sklearn.model_selection import train_test_split
 
         if split not in self.SPLITS:
-            raise ValueError(f"dataset.split={split!r} is not known; choose one of {list(self.SPLITS)}")
+            raise ConfigError(f"dataset.split={split!r} is not known; choose one of {list(self.SPLITS)}")
         if channels not in (1, 3):
-            raise ValueError(f"dataset.channels must be 1 or 3, got {channels}")
+            raise ConfigError(f"dataset.channels must be 1 or 3, got {channels}")
         if image_size < 8:
-            raise ValueError(f"dataset.image_size must be at least 8 for the 8x8 digits, got {image_size}")
+            raise ConfigError(f"dataset.image_size must be at least 8 for the 8x8 digits, got {image_size}")
         check_downsample_from(image_size, downsample_from)
         digits = load_digits()
         index = list(range(len(digits.target)))

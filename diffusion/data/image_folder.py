@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, get_worker_info
 from torchvision.transforms import functional as TF
 
 from diffusion.data.resize import area_downsample, check_downsample_from
+from diffusion.errors import ConfigError, DataError, PathNotFound
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,13 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | None, image_size: int = 64, channels: int = 3, random_flip: bool = True,
                  downsample_from: int | None = None) -> None:
         if channels not in (1, 3):
-            raise ValueError(f"dataset.channels must be 1 or 3, got {channels}")
+            raise ConfigError(f"dataset.channels must be 1 or 3, got {channels}")
         check_downsample_from(image_size, downsample_from)
         if root is None or str(root) in ("", "???"):
-            raise ValueError("dataset.root is not set: run with dataset.root=/path/to/images")
+            raise ConfigError("dataset.root is not set: run with dataset.root=/path/to/images")
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise FileNotFoundError(
+            raise PathNotFound(
                 f"dataset.root '{self.root}' does not exist or is not a folder: "
                 "point dataset.root at a folder holding one sub-folder of images per class"
             )
@@ -68,7 +69,7 @@ class ImageFolderDataset(Dataset):
             self.samples = [(f, 0) for f in files]
             self.classes = [self.root.name] if files else []
         if not self.samples:
-            raise ValueError(
+            raise DataError(
                 f"dataset.root '{self.root}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): "
                 "put them in one sub-folder per class, e.g. root/cats/001.jpg"
             )
@@ -133,7 +134,7 @@ class ImageFolderDataset(Dataset):
                 if i not in self.skipped:
                     self.skipped.add(i)
                     log.warning("skipping unreadable image %s (%s); %d skipped so far", path, error, len(self.skipped))
-        raise ValueError(f"no image under dataset.root '{self.root}' could be read")
+        raise DataError(f"no image under dataset.root '{self.root}' could be read")
 
 
 def _image_files(folder: Path, recursive: bool) -> list[Path]:

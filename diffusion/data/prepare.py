@@ -25,6 +25,7 @@ from PIL import ImageColor, ImageFile
 from tqdm import tqdm
 
 from diffusion.data.prepare_image import DEFECTS, FITS, ImageSettings, Inspection, prepare_file
+from diffusion.errors import ConfigError, DataError, PathNotFound
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +66,19 @@ def check_folders(src: str, dst: str, quarantine_dir: str) -> tuple[Path, Path, 
     """The three folders as absolute paths; outputs may not go into src, nor src lie inside dst."""
     src_path = Path(str(src)).expanduser().resolve()
     if not src_path.is_dir():
-        raise FileNotFoundError(f"src={str(src)!r} does not exist or is not a folder: run with src=/path/to/images "
-                                "(a folder of images, or of one sub-folder of images per class)")
+        raise PathNotFound(f"src={str(src)!r} does not exist or is not a folder: run with src=/path/to/images "
+                           "(a folder of images, or of one sub-folder of images per class)")
     dst_path = Path(str(dst)).expanduser().resolve()
     for name, path in (("dst", dst_path), ("quarantine_dir", Path(str(quarantine_dir)).expanduser().resolve())):
         if path == src_path or src_path in path.parents:
-            raise ValueError(f"{name}={str(path)!r} is src or lies inside it: src is only read, and outputs there "
-                             f"would be read back as images; choose a folder outside it, e.g. "
-                             f"dst={src_path.parent / (src_path.name + '_prepared')}")
+            raise ConfigError(f"{name}={str(path)!r} is src or lies inside it: src is only read, and outputs there "
+                              f"would be read back as images; choose a folder outside it, e.g. "
+                              f"dst={src_path.parent / (src_path.name + '_prepared')}")
     if dst_path in src_path.parents:
-        raise ValueError(f"src={str(src_path)!r} lies inside dst={str(dst_path)!r}: the originals would become a "
-                         "class of the prepared set; choose a dst that does not hold src")
+        raise ConfigError(f"src={str(src_path)!r} lies inside dst={str(dst_path)!r}: the originals would become a "
+                          "class of the prepared set; choose a dst that does not hold src")
     if dst_path.exists() and not dst_path.is_dir():
-        raise ValueError(f"dst={str(dst_path)!r} is a file: choose a new or empty folder")
+        raise ConfigError(f"dst={str(dst_path)!r} is a file: choose a new or empty folder")
     return src_path, dst_path, Path(str(quarantine_dir)).expanduser().resolve()
 
 
@@ -86,19 +87,19 @@ def check_settings(cfg: DictConfig) -> ImageSettings:
     for name in ("image_size", "min_size"):
         value, least = cfg[name], 1 if name == "image_size" else 0
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ValueError(f"{name} must be a whole number of pixels of at least {least}, got {value!r}: "
-                             f"run with e.g. {name}={64 if name == 'image_size' else 0}")
+            raise ConfigError(f"{name} must be a whole number of pixels of at least {least}, got {value!r}: "
+                              f"run with e.g. {name}={64 if name == 'image_size' else 0}")
     if cfg.channels not in (1, 3):
-        raise ValueError(f"channels must be 3 (RGB) or 1 (grayscale), got {cfg.channels!r}")
+        raise ConfigError(f"channels must be 3 (RGB) or 1 (grayscale), got {cfg.channels!r}")
     if cfg.fit not in FITS:
-        raise ValueError(f"fit must be one of {', '.join(FITS)}, got {cfg.fit!r}: fit=crop resizes the shorter side "
-                         "and keeps the centre square, fit=pad resizes the longer side and pads to a square")
+        raise ConfigError(f"fit must be one of {', '.join(FITS)}, got {cfg.fit!r}: fit=crop resizes the shorter side "
+                          "and keeps the centre square, fit=pad resizes the longer side and pads to a square")
     for name in ("background", "pad_color"):
         try:
             ImageColor.getrgb(str(cfg[name]))
         except ValueError:
-            raise ValueError(f"{name}={cfg[name]!r} is not a colour: use a name (white, gray, black) or a quoted "
-                             f"hex code ({name}='\"#808080\"' on a command line)") from None
+            raise ConfigError(f"{name}={cfg[name]!r} is not a colour: use a name (white, gray, black) or a quoted "
+                              f"hex code ({name}='\"#808080\"' on a command line)") from None
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process, so truncated files would pass "
                            "for good ones: set it to False before preparing a folder")
@@ -111,8 +112,8 @@ def check_workers(num_workers: int | None) -> int:
     if num_workers is None:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if not isinstance(num_workers, int) or num_workers < 1:
-        raise ValueError(f"num_workers must be a positive number of processes or null (every core), "
-                         f"got {num_workers!r}")
+        raise ConfigError(f"num_workers must be a positive number of processes or null (every core), "
+                          f"got {num_workers!r}")
     return num_workers
 
 
@@ -125,8 +126,8 @@ def previous_report(dst: Path) -> dict:
         except json.JSONDecodeError:
             return {}  # damaged: nothing is reused, every file is prepared again
     if dst.is_dir() and any(dst.iterdir()):
-        raise ValueError(f"dst={str(dst)!r} already holds files that diffusion-prepare did not write (there is no "
-                         f"{REPORT}): choose a new or empty folder")
+        raise ConfigError(f"dst={str(dst)!r} already holds files that diffusion-prepare did not write (there is no "
+                          f"{REPORT}): choose a new or empty folder")
     return {}
 
 
@@ -146,8 +147,8 @@ def list_files(src: Path) -> tuple[list[str], int]:
             else:
                 files.append(path.relative_to(src).as_posix())
     if not files:
-        raise ValueError(f"src={str(src)!r} holds no files: point src at a folder of images, or of one sub-folder "
-                         "of images per class")
+        raise DataError(f"src={str(src)!r} holds no files: point src at a folder of images, or of one sub-folder "
+                        "of images per class")
     return sorted(files), skipped
 
 
@@ -192,8 +193,8 @@ class Preparation:
             for record, future in late:
                 inspection = future.result()
                 if inspection.png is None:
-                    raise RuntimeError(f"{record['source']} changed while it was being prepared: "
-                                       "run diffusion-prepare again")
+                    raise DataError(f"{record['source']} changed while it was being prepared: "
+                                    "run diffusion-prepare again")
                 self.settle(record, inspection, None)
         finally:
             executor.shutdown(cancel_futures=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from diffusion.errors import ConfigError
+
 
 def area_downsample(images: torch.Tensor, size: int) -> torch.Tensor:
     """Each output pixel the mean of the block of input pixels it covers (an exact box filter for integer factors)."""
@@ -18,5 +20,5 @@ def area_downsample(images: torch.Tensor, size: int) -> torch.Tensor:
 def check_downsample_from(image_size: int, downsample_from: int | None) -> None:
     """Refuse a ``dataset.downsample_from`` that is not a multiple of ``dataset.image_size`` above it."""
     if downsample_from is not None and (downsample_from <= image_size or downsample_from % image_size):
-        raise ValueError(f"dataset.downsample_from={downsample_from} must be a multiple of dataset.image_size="
-                         f"{image_size} larger than it (the images are made at that size, then box-filtered down)")
+        raise ConfigError(f"dataset.downsample_from={downsample_from} must be a multiple of dataset.image_size="
+                          f"{image_size} larger than it (the images are made at that size, then box-filtered down)")

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion.errors import ConfigError
+
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Transformer sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017, Sec. 3.5)."""
@@ -60,7 +62,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_heads: int, norm_groups: int) -> None:
         super().__init__()
         if channels % num_heads:
-            raise ValueError(f"attention over {channels} channels cannot be split into {num_heads} heads")
+            raise ConfigError(f"attention over {channels} channels cannot be split into {num_heads} heads")
         self.num_heads = num_heads
         self.norm = group_norm(channels, norm_groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion.errors import ConfigError
+
 
 def interleaved_sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """[sin(t w_0), cos(t w_0), sin(t w_1), ...] with w_i = max_period^(-2i/dim): the seed's position table row t,
@@ -128,10 +130,11 @@ class SeedUNet(nn.Module):
                  attention: str = "sdpa") -> None:
         super().__init__()
         if attention not in ATTENTION:
-            raise ValueError(f"model.attention={attention!r} is not known; choose one of {list(ATTENTION)}")
+            raise ConfigError(f"model.attention={attention!r} is not known; choose one of {list(ATTENTION)}")
         if num_classes is not None:
-            raise ValueError(f"model=seed_unet is the seed's unconditional network; got model.num_classes={num_classes}: "
-                             "drop it, or use model=unet_small for a class-conditional model")
+            raise ConfigError(f"model=seed_unet is the seed's unconditional network; got "
+                              f"model.num_classes={num_classes}: drop it, or use model=unet_small for a "
+                              "class-conditional model")
         self.image_size, self.in_channels, self.num_classes, self.time_dim = image_size, in_channels, None, time_dim
         self.check_image_size(image_size, image_size)
         c = base_channels
@@ -158,13 +161,13 @@ class SeedUNet(nn.Module):
     def check_image_size(self, height: int, width: int) -> None:
         """Raise a ValueError naming the fix when three halvings cannot divide the image."""
         if height % 8 or width % 8:
-            raise ValueError(f"model=seed_unet halves images three times, so {height}x{width} does not fit: use an "
-                             "image size divisible by 8 (the seed's checkpoints are 64x64: dataset.image_size=64)")
+            raise ConfigError(f"model=seed_unet halves images three times, so {height}x{width} does not fit: use an "
+                              "image size divisible by 8 (the seed's checkpoints are 64x64: dataset.image_size=64)")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the noise in ``x`` at timesteps ``t`` (one per image); ``class_labels`` must be None."""
         if class_labels is not None:
-            raise ValueError("model=seed_unet is unconditional: sample it without class labels (class_label=null)")
+            raise ConfigError("model=seed_unet is unconditional: sample it without class labels (class_label=null)")
         self.check_image_size(x.shape[-2], x.shape[-1])
         if t.ndim == 0:
             t = t.expand(x.shape[0])

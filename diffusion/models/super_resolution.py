@@ -12,6 +12,7 @@ from torch import nn
 
 from diffusion.models.layers import sinusoidal_embedding, zero_init
 from diffusion.models.unet import UNet
+from diffusion.errors import ConfigError
 
 
 def upsample(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -45,10 +46,10 @@ class SuperResolutionUNet(UNet):
         unet["cond_channels"] = unet.get("in_channels", 3)
         super().__init__(**unet)
         if low_resolution < 1 or self.image_size % low_resolution or low_resolution >= self.image_size:
-            raise ValueError(f"model.low_resolution={low_resolution} must be smaller than model.image_size="
-                             f"{self.image_size} and divide it")
+            raise ConfigError(f"model.low_resolution={low_resolution} must be smaller than model.image_size="
+                              f"{self.image_size} and divide it")
         if not 0.0 <= max_augmentation <= 1.0:
-            raise ValueError(f"model.max_augmentation must lie in [0, 1], got {max_augmentation}")
+            raise ConfigError(f"model.max_augmentation must lie in [0, 1], got {max_augmentation}")
         self.low_resolution, self.max_augmentation = low_resolution, max_augmentation
         emb_dim = self.time_mlp[-1].out_features
         self.augmentation_mlp = nn.Sequential(nn.Linear(self.time_dim, emb_dim), nn.SiLU(),
@@ -59,10 +60,10 @@ class SuperResolutionUNet(UNet):
         """The inputs for sampling from ``low_res`` (the previous stage's images): augmented once at ``aug_level``
         with ``noise`` (standard normal, one per image), and that level, for every step of the sampler."""
         if not 0.0 <= aug_level <= 1.0:
-            raise ValueError(f"aug_level must lie in [0, 1], got {aug_level}")
+            raise ConfigError(f"aug_level must lie in [0, 1], got {aug_level}")
         if tuple(low_res.shape[-2:]) != (self.low_resolution, self.low_resolution):
-            raise ValueError(f"this stage upsamples {self.low_resolution}x{self.low_resolution} images, got "
-                             f"{low_res.shape[-2]}x{low_res.shape[-1]} ones: put the stages of the cascade in order")
+            raise ConfigError(f"this stage upsamples {self.low_resolution}x{self.low_resolution} images, got "
+                              f"{low_res.shape[-2]}x{low_res.shape[-1]} ones: put the stages of the cascade in order")
         level = torch.full((low_res.shape[0],), float(aug_level))
         if noise is None:
             noise = torch.zeros_like(low_res) if aug_level == 0 else torch.randn_like(low_res)
@@ -75,8 +76,8 @@ class SuperResolutionUNet(UNet):
         Without ``aug_level``, training draws each image's level and augments ``low_res`` here; outside training the
         level is 0. With it, ``low_res`` is taken as already augmented at that level (``sampling_inputs``)."""
         if low_res is None:
-            raise ValueError(f"a super-resolution stage needs the {self.low_resolution}x{self.low_resolution} image to "
-                             "upsample (low_res): sample it in a cascade (cascade=...)")
+            raise ConfigError(f"a super-resolution stage needs the {self.low_resolution}x{self.low_resolution} "
+                              "image to upsample (low_res): sample it in a cascade (cascade=...)")
         low_res = low_res.float()
         if aug_level is None:
             aug_level = torch.zeros(x.shape[0], device=x.device)

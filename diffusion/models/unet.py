@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion.models.layers import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, sinusoidal_embedding, zero_init
+from diffusion.errors import ConfigError
 
 
 class UNet(nn.Module):
@@ -65,14 +66,14 @@ class UNet(nn.Module):
         self.cond_channels = cond_channels
         self.num_classes = num_classes
         if not isinstance(patch_size, int) or patch_size < 1:
-            raise ValueError(f"model.patch_size must be a whole number of pixels, at least 1, got {patch_size!r}")
+            raise ConfigError(f"model.patch_size must be a whole number of pixels, at least 1, got {patch_size!r}")
         self.patch_size = patch_size
         self.downsampling_factor = patch_size * 2 ** (len(channel_mult) - 1)
         self.check_image_size(image_size, image_size)
         sides = [image_size // patch_size // 2**i for i in range(len(channel_mult))]
         unknown = sorted(set(attention_resolutions) - set(sides))
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"model.attention_resolutions {unknown} match no level of a {image_size}x{image_size} UNet "
                 f"with {len(channel_mult)} levels and patch size {patch_size}; choose from {sides} "
                 f"(model.attention_resolutions=[...]) or a model made for this size"
@@ -135,7 +136,7 @@ class UNet(nn.Module):
         if height % self.downsampling_factor or width % self.downsampling_factor:
             halvings = (self.downsampling_factor // self.patch_size).bit_length() - 1
             patches = f"cut into {self.patch_size}x{self.patch_size} patches and " if self.patch_size > 1 else ""
-            raise ValueError(
+            raise ConfigError(
                 f"image size {height}x{width} cannot be {patches}halved {halvings} times by this UNet: use an image "
                 f"size divisible by {self.downsampling_factor} (dataset.image_size)"
                 + (", fewer levels (model.channel_mult) or smaller patches (model.patch_size)" if self.patch_size > 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from diffusion.errors import ConfigError
+
 
 def class_index(label: int | str, class_names: Sequence[str]) -> int:
     """A class given by its index or its name (the folder name for an image folder)."""
@@ -13,8 +15,8 @@ def class_index(label: int | str, class_names: Sequence[str]) -> int:
         index = int(label)
         if 0 <= index < len(class_names):
             return index
-    raise ValueError(f"class_label={label!r} is not a class of this model; its classes are {list(class_names)} "
-                     f"(give a name or an index from 0 to {len(class_names) - 1})")
+    raise ConfigError(f"class_label={label!r} is not a class of this model; its classes are {list(class_names)} "
+                      f"(give a name or an index from 0 to {len(class_names) - 1})")
 
 
 def cycled_labels(num_images: int, num_classes: int | None) -> list[int] | None:
@@ -32,7 +34,7 @@ def resolve_class_labels(
     """
     if not class_names:
         if class_label is not None:
-            raise ValueError("this model is unconditional (trained without classes): remove class_label")
+            raise ConfigError("this model is unconditional (trained without classes): remove class_label")
         return None, None
     if class_label is None:
         return cycled_labels(num_images, len(class_names)), None

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion.process.schedules import NoiseSchedule
+from diffusion.errors import ConfigError
 
 
 def _huber(prediction: torch.Tensor, target: torch.Tensor, delta: float) -> torch.Tensor:
@@ -57,11 +58,11 @@ class Objective:
     def __init__(self, loss: str = "l2", huber_delta: float = 1.0, weighting: str = "uniform",
                  min_snr_gamma: float = 5.0, p_uncond: float = 0.0, min_timestep: int = 0) -> None:
         if loss not in LOSSES:
-            raise ValueError(f"objective.loss={loss!r} is not known; choose one of {sorted(LOSSES)}")
+            raise ConfigError(f"objective.loss={loss!r} is not known; choose one of {sorted(LOSSES)}")
         if weighting not in WEIGHTINGS:
-            raise ValueError(f"objective.weighting={weighting!r} is not known; choose one of {list(WEIGHTINGS)}")
+            raise ConfigError(f"objective.weighting={weighting!r} is not known; choose one of {list(WEIGHTINGS)}")
         if not 0.0 <= p_uncond < 1.0:
-            raise ValueError(f"objective.p_uncond must lie in [0, 1), got {p_uncond}")
+            raise ConfigError(f"objective.p_uncond must lie in [0, 1), got {p_uncond}")
         self.loss_name = loss
         self.huber_delta = huber_delta
         self.weighting = weighting
@@ -108,8 +109,8 @@ class Objective:
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """Training timesteps drawn uniformly from ``min_timestep`` to the last (DDPM Algorithm 1, line 3)."""
         if not 0 <= self.min_timestep < schedule.num_timesteps:
-            raise ValueError(f"objective.min_timestep={self.min_timestep} must lie in [0, {schedule.num_timesteps - 1}] "
-                             "(the schedule's timesteps)")
+            raise ConfigError(f"objective.min_timestep={self.min_timestep} must lie in "
+                              f"[0, {schedule.num_timesteps - 1}] (the schedule's timesteps)")
         return torch.randint(self.min_timestep, schedule.num_timesteps, (count,), device=device, generator=generator)
 
     def loss(
@@ -150,7 +151,7 @@ class EpsilonObjective(Objective):
 
     def check_schedule(self, schedule):
         if schedule.zero_terminal_snr:
-            raise ValueError(
+            raise ConfigError(
                 "objective=eps cannot denoise pure noise at the last step of a zero-terminal-SNR schedule "
                 "(x_0 = (x_t - sigma eps) / alpha with alpha = 0): use objective=v (Lin et al. 2024) or objective=x0"
             )
@@ -211,14 +212,15 @@ class EDMObjective(Objective):
     def __init__(self, sigma_data: float = 0.5, P_mean: float = -1.2, P_std: float = 1.2, **objective) -> None:
         super().__init__(**objective)
         if sigma_data <= 0 or P_std <= 0:
-            raise ValueError(f"objective.sigma_data and objective.P_std must be positive, got {sigma_data} and {P_std}")
+            raise ConfigError(f"objective.sigma_data and objective.P_std must be positive, got {sigma_data} and "
+                              f"{P_std}")
         self.sigma_data, self.P_mean, self.P_std = sigma_data, P_mean, P_std
 
     def check_schedule(self, schedule):
         if schedule.zero_terminal_snr:
-            raise ValueError("objective=edm needs finite noise levels, and this zero-terminal-SNR schedule ends at an "
-                             "infinite one: use schedule=edm (EDM's levels, 0.002 to 80), or set "
-                             "schedule.rescale_zero_terminal_snr=false")
+            raise ConfigError("objective=edm needs finite noise levels, and this zero-terminal-SNR schedule ends at an "
+                              "infinite one: use schedule=edm (EDM's levels, 0.002 to 80), or set "
+                              "schedule.rescale_zero_terminal_snr=false")
 
     def preconditioning(self, alpha: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(c_skip, c_out, c_in) at the noise level s = sigma / alpha (EDM Table 1, "Network and preconditioning")."""

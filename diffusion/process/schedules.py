@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from diffusion.errors import ConfigError
+
 
 def extract(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     """Gather ``values[t]`` and reshape it to broadcast against a tensor of ``ndim`` dimensions."""
@@ -24,9 +26,9 @@ class NoiseSchedule(nn.Module):
         super().__init__()
         betas = betas.to(torch.float64)
         if betas.ndim != 1 or len(betas) < 2:
-            raise ValueError(f"betas must be a 1-D tensor of at least 2 steps, got shape {tuple(betas.shape)}")
+            raise ConfigError(f"betas must be a 1-D tensor of at least 2 steps, got shape {tuple(betas.shape)}")
         if not ((betas > 0) & (betas < 1)).all():
-            raise ValueError("every beta must lie in (0, 1); check the schedule's beta_start/beta_end")
+            raise ConfigError("every beta must lie in (0, 1); check the schedule's beta_start/beta_end")
         if rescale_zero_terminal_snr:
             betas = zero_terminal_snr(betas)
         alphas = 1.0 - betas
@@ -156,7 +158,7 @@ class LinearSchedule(NoiseSchedule):
     def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
                  rescale_zero_terminal_snr: bool = False) -> None:
         if not 0 < beta_start <= beta_end < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"linear schedule needs 0 < beta_start <= beta_end < 1, got {beta_start} and {beta_end}"
             )
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
@@ -181,7 +183,7 @@ class SigmoidSchedule(NoiseSchedule):
     def __init__(self, num_timesteps: int = 1000, start: float = -3.0, end: float = 3.0, tau: float = 1.0,
                  max_beta: float = 0.999, rescale_zero_terminal_snr: bool = False) -> None:
         if not start < end or tau <= 0:
-            raise ValueError(f"sigmoid schedule needs start < end and tau > 0, got {start}, {end}, {tau}")
+            raise ConfigError(f"sigmoid schedule needs start < end and tau > 0, got {start}, {end}, {tau}")
         u = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
         v_start, v_end = torch.sigmoid(torch.tensor(start / tau)), torch.sigmoid(torch.tensor(end / tau))
         alphas_cumprod = (v_end - torch.sigmoid((u * (end - start) + start) / tau)) / (v_end - v_start)
@@ -199,7 +201,7 @@ class EDMSchedule(NoiseSchedule):
 
     def __init__(self, num_timesteps: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
         if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"the edm schedule needs 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+            raise ConfigError(f"the edm schedule needs 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
         log_sigmas = torch.linspace(math.log(sigma_min), math.log(sigma_max), num_timesteps, dtype=torch.float64)
         alphas_cumprod = torch.sigmoid(-2 * log_sigmas)  # 1 / (1 + sigma^2), without rounding 1 + sigma_min^2
         super().__init__(betas_from_alphas_cumprod(alphas_cumprod, max_beta=1.0))

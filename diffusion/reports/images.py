@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import make_grid
 
+from diffusion.errors import ConfigError
+
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Map images from [-1, 1] to uint8 [0, 255] (the seed's convention)."""
@@ -19,7 +21,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def upscale_nearest(images: torch.Tensor, factor: int) -> torch.Tensor:
     """Enlarge by an integer factor with nearest-neighbour interpolation, as the seed showed its samples."""
     if factor < 1:
-        raise ValueError(f"upscale must be a positive integer, got {factor}")
+        raise ConfigError(f"upscale must be a positive integer, got {factor}")
     return images if factor == 1 else F.interpolate(images, scale_factor=factor, mode="nearest")
 
 

@@ -26,6 +26,7 @@ from diffusion.reports.tables import (
     jobs_table, markdown_table, pivot_table, problems_section, time_to_target, time_to_target_section,
 )
 from diffusion.reports.sweeps import SWEEP_CONFIG, load_sweep_config, searched_parameters
+from diffusion.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -283,12 +284,13 @@ class SweepReport(Callback):
         self.points = settings.get("points")
         self.target = None if settings.get("target") is None else {"metric": "fd", **settings["target"]}
         if self.points not in (None, *POINTS):
-            raise ValueError(f"hydra.callbacks.report.plot.points={self.points!r} is not known: choose evaluations "
-                             "(each in-training evaluation of each job) or leave it out (each job's final measurement)")
+            raise ConfigError(f"hydra.callbacks.report.plot.points={self.points!r} is not known: choose evaluations "
+                              "(each in-training evaluation of each job) or leave it out (each job's final "
+                              "measurement)")
         if self.target is not None and not (self.points and (self.target.get("value") is not None or
                                                              self.target.get("of"))):
-            raise ValueError("hydra.callbacks.report.plot.target needs plot.points: evaluations and a value or of "
-                             f"(an override naming the line whose final value is the target), got {self.target}")
+            raise ConfigError("hydra.callbacks.report.plot.target needs plot.points: evaluations and a value or of "
+                              f"(an override naming the line whose final value is the target), got {self.target}")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # what the sweep varies, for its jobs and its report (Hydra's basic sweeper writes the same file, others don't)

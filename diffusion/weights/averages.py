@@ -11,6 +11,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from diffusion.weights.posthoc import power_beta, sigma_rel_to_gamma
+from diffusion.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,9 @@ class ExponentialAverage(Average):
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True, update_every: int = 1,
                  start_step: int = 0) -> None:
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"trainer.ema_decay must lie in [0, 1), got {decay}")
+            raise ConfigError(f"trainer.ema_decay must lie in [0, 1), got {decay}")
         if update_every < 1:
-            raise ValueError(f"trainer.ema_update_every must be at least 1, got {update_every}")
+            raise ConfigError(f"trainer.ema_update_every must be at least 1, got {update_every}")
         self.decay, self.warmup, self.update_every, self.start_step = float(decay), warmup, update_every, start_step
         super().__init__(model, ema_name(decay))
 
@@ -131,7 +132,7 @@ class PowerFunctionAverage(Average):
         try:
             self.gamma = sigma_rel_to_gamma(self.sigma_rel)
         except ValueError as error:
-            raise ValueError(f"trainer.ema_sigma_rel: {error}") from None
+            raise ConfigError(f"trainer.ema_sigma_rel: {error}") from None
         super().__init__(model, power_ema_name(sigma_rel))
 
     def average_into(self, averaged, current, _count) -> None:
@@ -150,10 +151,10 @@ class StochasticWeightAverage(Average):
 
     def __init__(self, model: nn.Module, start_step: int, every: int = 1, decay: float | None = None) -> None:
         if start_step < 1 or every < 1:
-            raise ValueError(f"trainer.swa_start_step and trainer.swa_every must be at least 1, got {start_step} "
-                             f"and {every}")
+            raise ConfigError(f"trainer.swa_start_step and trainer.swa_every must be at least 1, got {start_step} "
+                              f"and {every}")
         if decay is not None and not 0.0 <= decay < 1.0:
-            raise ValueError(f"trainer.swa_decay must lie in [0, 1) or be null (the equal-weight mean), got {decay}")
+            raise ConfigError(f"trainer.swa_decay must lie in [0, 1) or be null (the equal-weight mean), got {decay}")
         self.start_step, self.every, self.decay = start_step, every, decay
         super().__init__(model, "swa")
 
@@ -189,12 +190,12 @@ class WeightAverages:
         if swa is not None:
             averages.append(StochasticWeightAverage(model, **swa))
         if not averages:
-            raise ValueError("keep at least one average of the weights (trainer.ema_decay, trainer.ema_sigma_rel or "
-                             "trainer.swa): sample grids and evaluation use the first")
+            raise ConfigError("keep at least one average of the weights (trainer.ema_decay, trainer.ema_sigma_rel or "
+                              "trainer.swa): sample grids and evaluation use the first")
         self.by_name: dict[str, Average] = {}
         for average in averages:
             if average.name in self.by_name:
-                raise ValueError(f"{average.name} is listed twice: give each average once")
+                raise ConfigError(f"{average.name} is listed twice: give each average once")
             self.by_name[average.name] = average
 
     def __iter__(self) -> Iterator[Average]:

@@ -14,6 +14,7 @@ import torch
 from diffusion.weights.averages import ema_name
 from diffusion.weights.posthoc import (combine_state_dicts, gamma_to_sigma_rel, posthoc_coefficients, reconstruction_error,
                               sigma_rel_to_gamma)
+from diffusion.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,9 @@ def reconstruct(checkpoint: str | Path, state: dict, sigma_rel: float) -> Chosen
     gamma = sigma_rel_to_gamma(sigma_rel)
     snapshots = power_snapshots(checkpoint, state)
     if not snapshots:
-        raise ValueError(f"weights=posthoc_rel{sigma_rel} needs power-function EMA snapshots, and "
-                         f"{str(checkpoint)!r} has none (nor has {str(snapshot_folder(checkpoint))!r}): train with "
-                         "trainer.ema_sigma_rel=[0.05,0.10] callbacks.ema_snapshots.every=<steps>")
+        raise CheckpointError(f"weights=posthoc_rel{sigma_rel} needs power-function EMA snapshots, and "
+                              f"{str(checkpoint)!r} has none (nor has {str(snapshot_folder(checkpoint))!r}): train "
+                              "with trainer.ema_sigma_rel=[0.05,0.10] callbacks.ema_snapshots.every=<steps>")
     target = max(t for t, _, _ in snapshots)
     profiles = [(t, g) for t, g, _ in snapshots]
     coefficients = posthoc_coefficients(profiles, (target, gamma))
@@ -123,8 +124,8 @@ def choose_weights(state: dict, name: str, checkpoint: str | Path) -> ChosenWeig
     same_value = [other for other in averages if equal_names(name, other)]  # ema_0.10 for ema_0.1
     if same_value:
         return ChosenWeights(same_value[0], averages[same_value[0]]["state_dict"])
-    raise ValueError(f"weights={name!r} is not in {str(checkpoint)!r}: it has {', '.join(weight_names(state, checkpoint))}"
-                     " (diffusion-describe checkpoint=... shows them)")
+    raise ConfigError(f"weights={name!r} is not in {str(checkpoint)!r}: it has "
+                      f"{', '.join(weight_names(state, checkpoint))} (diffusion-describe checkpoint=... shows them)")
 
 
 def equal_names(a: str, b: str) -> bool:

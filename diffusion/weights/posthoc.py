@@ -8,13 +8,15 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from diffusion.errors import ConfigError
+
 MAX_SIGMA_REL = 1.0 / math.sqrt(12.0)  # sigma_rel at gamma = 0; gamma > 0 needs a smaller one
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The exponent gamma of relative standard deviation sigma_rel: the largest real root of EDM2's Eq. 3 cubic."""
     if not 0.0 < sigma_rel < MAX_SIGMA_REL:
-        raise ValueError(f"sigma_rel must lie in (0, {MAX_SIGMA_REL:.4f}) (gamma > 0), got {sigma_rel}")
+        raise ConfigError(f"sigma_rel must lie in (0, {MAX_SIGMA_REL:.4f}) (gamma > 0), got {sigma_rel}")
     # sigma_rel^2 (gamma + 2)^2 (gamma + 3) = gamma + 1, expanded in powers of gamma
     s2 = sigma_rel**2
     roots = np.roots([s2, 7.0 * s2, 16.0 * s2 - 1.0, 12.0 * s2 - 1.0])

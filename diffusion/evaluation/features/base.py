@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from diffusion.errors import DataError
+
 
 class FeatureExtractor(nn.Module):
     """A frozen network mapping images in [-1, 1] to (N, D) features and, for a classifier, (N, C) logits.
@@ -53,7 +55,7 @@ def extract(
         if logits is not None:
             probabilities.append(logits.double().softmax(dim=1).cpu())
     if not features:
-        raise ValueError("no images to extract features from")
+        raise DataError("no images to extract features from")
     return torch.cat(features), (torch.cat(probabilities) if probabilities else None)
 
 

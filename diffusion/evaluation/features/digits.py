@@ -14,6 +14,7 @@ from torch import nn
 
 from diffusion.engine.checkpoint import save_checkpoint
 from diffusion.evaluation.features.base import FeatureExtractor
+from diffusion.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class DigitsClassifier(FeatureExtractor):
     ) -> None:
         super().__init__()
         if image_size % 4:
-            raise ValueError(f"the digits classifier's image_size must be a multiple of 4, got {image_size}")
+            raise ConfigError(f"the digits classifier's image_size must be a multiple of 4, got {image_size}")
         self.hparams = {
             "recipe": RECIPE_VERSION, "image_size": image_size, "width": width, "feature_dim": feature_dim,
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "max_shift": max_shift, "seed": seed,
@@ -98,7 +99,7 @@ class DigitsClassifier(FeatureExtractor):
             self.load_state_dict(state["state_dict"])
             self.test_accuracy = float(state["test_accuracy"])
         if self.test_accuracy < min_test_accuracy:
-            raise ValueError(
+            raise ConfigError(
                 f"the digits classifier {self.name} classifies only {self.test_accuracy:.1%} of the test digits "
                 f"correctly (< {min_test_accuracy:.0%}): train it longer (more epochs) before trusting its metrics"
             )

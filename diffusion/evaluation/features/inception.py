@@ -10,6 +10,7 @@ import torch
 
 from diffusion.evaluation.features.base import FeatureExtractor
 from diffusion.reports.images import to_uint8
+from diffusion.errors import ConfigError
 
 WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -39,10 +40,10 @@ class InceptionV3(FeatureExtractor):
     def __init__(self, weights_path: str | None = None) -> None:
         super().__init__()
         if weights_path in (None, "", "???"):
-            raise ValueError(f"features=inception needs the Inception-v3 weights file: {HOW_TO_GET_WEIGHTS}")
+            raise ConfigError(f"features=inception needs the Inception-v3 weights file: {HOW_TO_GET_WEIGHTS}")
         path = Path(weights_path).expanduser()
         if not path.is_file():
-            raise ValueError(f"features.weights_path={str(path)!r} is not a file: {HOW_TO_GET_WEIGHTS}")
+            raise ConfigError(f"features.weights_path={str(path)!r} is not a file: {HOW_TO_GET_WEIGHTS}")
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         data = path.read_bytes()

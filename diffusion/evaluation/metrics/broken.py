@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from diffusion.errors import DataError
+
 # the 5-point discrete Laplacian
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
 # how far above the reference's highest energy an image must be to count as broken (a fraction of that maximum)
@@ -37,8 +39,8 @@ def broken_images(energies: torch.Tensor, reference_energies: torch.Tensor,
     """
     reference_energies = torch.as_tensor(reference_energies, dtype=torch.float64)
     if reference_energies.numel() == 0:
-        raise ValueError("the reference has no images to calibrate the broken-image threshold on: use a reference "
-                         "data set with images")
+        raise DataError("the reference has no images to calibrate the broken-image threshold on: use a reference "
+                        "data set with images")
     energies = torch.as_tensor(energies, dtype=torch.float64)
     threshold = (1 + margin) * reference_energies.max()
     offenders = torch.nonzero(energies > threshold).flatten()

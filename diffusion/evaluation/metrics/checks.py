@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from diffusion.errors import DataError
+
 
 def as_feature_matrix(features: torch.Tensor, what: str = "features", min_rows: int = 1) -> torch.Tensor:
     """``features`` as a finite float64 (N, D) matrix, or a ValueError naming the problem."""
@@ -11,10 +13,10 @@ def as_feature_matrix(features: torch.Tensor, what: str = "features", min_rows: 
     if features.ndim != 2:
         raise ValueError(f"{what} must be a (N, D) matrix, got shape {tuple(features.shape)}: flatten each sample")
     if features.shape[0] < min_rows:
-        raise ValueError(f"{what} has {features.shape[0]} rows; this metric needs at least {min_rows}: use more images")
+        raise DataError(f"{what} has {features.shape[0]} rows; this metric needs at least {min_rows}: use more images")
     features = features.detach().to("cpu", torch.float64)
     if not torch.isfinite(features).all():
-        raise ValueError(f"{what} contains NaN or infinite values: check the images and the feature extractor")
+        raise DataError(f"{what} contains NaN or infinite values: check the images and the feature extractor")
     return features
 
 

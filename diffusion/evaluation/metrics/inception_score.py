@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from diffusion.errors import ConfigError
+
 
 def inception_score(probabilities: torch.Tensor, splits: int = 10) -> tuple[float, float]:
     """IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016, Section 4), mean and std over ``splits`` parts.
@@ -17,7 +19,8 @@ def inception_score(probabilities: torch.Tensor, splits: int = 10) -> tuple[floa
     if probabilities.ndim != 2:
         raise ValueError(f"probabilities must be (N, C), got shape {tuple(probabilities.shape)}")
     if not 1 <= splits <= probabilities.shape[0]:
-        raise ValueError(f"inception score: splits={splits} must lie between 1 and the {probabilities.shape[0]} images")
+        raise ConfigError(f"inception score: splits={splits} must lie between 1 and the {probabilities.shape[0]} "
+                          "images")
     if (probabilities < 0).any() or not torch.allclose(probabilities.sum(1), torch.ones(1, dtype=torch.float64),
                                                         atol=1e-4):
         raise ValueError("inception score needs probabilities (rows >= 0 summing to 1): apply a softmax to the logits")

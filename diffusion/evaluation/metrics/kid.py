@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffusion.evaluation.metrics.checks import as_feature_matrix, same_dimension
+from diffusion.errors import ConfigError
 
 # up to this many kernel entries (float64: 8 bytes each) the three kernel matrices are computed once for all subsets
 FULL_KERNEL_MAX_ENTRIES = 25_000_000
@@ -45,7 +46,7 @@ def kernel_inception_distance(
     y = as_feature_matrix(features2, "features2", min_rows=2)
     same_dimension(x, y)
     if num_subsets < 1 or subset_size < 2:
-        raise ValueError(f"KID needs num_subsets >= 1 and subset_size >= 2, got {num_subsets} and {subset_size}")
+        raise ConfigError(f"KID needs num_subsets >= 1 and subset_size >= 2, got {num_subsets} and {subset_size}")
     size = min(subset_size, x.shape[0], y.shape[0])
     generator = torch.Generator().manual_seed(seed)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffusion.evaluation.metrics.checks import as_feature_matrix, same_dimension
+from diffusion.errors import ConfigError
 
 
 def knn_radii(features: torch.Tensor, k: int = 3, chunk_size: int = 1024) -> torch.Tensor:
@@ -42,7 +43,7 @@ def precision_recall(
     fake = as_feature_matrix(fake_features, "fake_features", min_rows=k + 1)
     same_dimension(real, fake)
     if k < 1:
-        raise ValueError(f"precision and recall need k >= 1 nearest neighbours, got k={k}")
+        raise ConfigError(f"precision and recall need k >= 1 nearest neighbours, got k={k}")
     precision = manifold_coverage(fake, real, knn_radii(real, k, chunk_size), chunk_size)
     recall = manifold_coverage(real, fake, knn_radii(fake, k, chunk_size), chunk_size)
     return precision, recall

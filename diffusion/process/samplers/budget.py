@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from hydra.utils import get_method
 
+from diffusion.errors import ConfigError
+
 
 def evaluations_per_step(sampler: str) -> int:
     """How often ``sampler`` (a name such as ``heun`` or a ``_target_``) evaluates the network per step, as the
@@ -17,6 +19,6 @@ def steps_for_nfe(nfe: int, sampler: str) -> int:
     """The most steps ``sampler`` can take within ``nfe`` network evaluations per image (Heun: 2 steps - 1)."""
     nfe = int(nfe)
     if nfe < 1:
-        raise ValueError(f"nfe must be a positive number of network evaluations per image, got {nfe}")
+        raise ConfigError(f"nfe must be a positive number of network evaluations per image, got {nfe}")
     per_step = evaluations_per_step(sampler)
     return max(1, (nfe + per_step - 1) // per_step)

@@ -9,6 +9,7 @@ import torch
 from diffusion.process.samplers.grids import sampling_timesteps
 from diffusion.process.samplers.noise import Denoiser, randn_per_image
 from diffusion.process.schedules import NoiseSchedule
+from diffusion.errors import ConfigError
 
 VARIANCES = ("beta_tilde", "beta")
 
@@ -55,9 +56,9 @@ def sample_ddpm(
             x at the first noise level.
     """
     if variance not in VARIANCES:
-        raise ValueError(f"sampler.variance={variance!r} is not known; choose one of {sorted(VARIANCES)}")
+        raise ConfigError(f"sampler.variance={variance!r} is not known; choose one of {sorted(VARIANCES)}")
     if not 0 <= final_timestep < schedule.num_timesteps:
-        raise ValueError(f"sampler.final_timestep must lie in [0, {schedule.num_timesteps - 1}], got {final_timestep}")
+        raise ConfigError(f"sampler.final_timestep must lie in [0, {schedule.num_timesteps - 1}], got {final_timestep}")
     timesteps = sampling_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps, spacing).tolist()
     timesteps = [step for step in timesteps if step >= final_timestep]
     abar = schedule.alphas_cumprod

@@ -7,6 +7,7 @@ import math
 import torch
 
 from diffusion.process.schedules import NoiseSchedule
+from diffusion.errors import ConfigError
 
 # grids of training timesteps (every sampler) and grids of noise levels (the samplers that work in sigma)
 SPACINGS = ("leading", "trailing", "linspace")
@@ -16,9 +17,9 @@ SIGMA_SPACINGS = ("karras", "log_snr")
 def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> torch.Tensor:
     """``steps`` descending training timesteps, spaced as in Lin et al. 2024, Table 2 (the diffusers names)."""
     if spacing not in SPACINGS:
-        raise ValueError(f"sampler.spacing={spacing!r} is not known; choose one of {list(SPACINGS)}")
+        raise ConfigError(f"sampler.spacing={spacing!r} is not known; choose one of {list(SPACINGS)}")
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"sampler.steps must lie in [1, {num_timesteps}] (the schedule's timesteps), got {steps}")
+        raise ConfigError(f"sampler.steps must lie in [1, {num_timesteps}] (the schedule's timesteps), got {steps}")
     if spacing == "linspace":
         grid = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round()
     elif spacing == "leading":
@@ -50,10 +51,10 @@ def sampling_sigmas(
     levels of 1e3 to 1e4, where x is pure noise to within 1e-4 at 80 already (EDM, Karras et al. 2022, uses 80).
     """
     if spacing not in SPACINGS + SIGMA_SPACINGS:
-        raise ValueError(f"sampler.spacing={spacing!r} is not known; choose one of {list(SPACINGS + SIGMA_SPACINGS)}")
+        raise ConfigError(f"sampler.spacing={spacing!r} is not known; choose one of {list(SPACINGS + SIGMA_SPACINGS)}")
     sigmas = schedule.sigmas.double()
     if schedule.zero_terminal_snr and (spacing in SPACINGS or sigma_max is None):
-        raise ValueError(
+        raise ConfigError(
             f"sampler.spacing={spacing} sampler.sigma_max={sigma_max} would start at the last timestep, whose noise "
             "level is infinite in a zero-terminal-SNR schedule: keep a noise-level grid with a finite sigma_max "
             "(sampler.spacing=log_snr sampler.sigma_max=80), or use sampler=ddim or sampler=ddpm"
@@ -62,10 +63,10 @@ def sampling_sigmas(
         grid = sigmas[sampling_timesteps(schedule.num_timesteps, steps, spacing).to(sigmas.device)].cpu()
     else:
         if sigma_max is not None and sigma_max <= sigmas[0].item():
-            raise ValueError(f"sampler.sigma_max={sigma_max} must exceed the schedule's smallest noise level "
-                             f"{sigmas[0].item():.4g}; null uses the schedule's largest")
+            raise ConfigError(f"sampler.sigma_max={sigma_max} must exceed the schedule's smallest noise level "
+                              f"{sigmas[0].item():.4g}; null uses the schedule's largest")
         if steps < 1:
-            raise ValueError(f"sampler.steps must be at least 1, got {steps}")
+            raise ConfigError(f"sampler.steps must be at least 1, got {steps}")
         top = sigmas[-1].item() if sigma_max is None else min(sigma_max, sigmas[-1].item())
         if spacing == "karras":
             grid = karras_sigmas(sigmas[0].item(), top, steps, rho)
