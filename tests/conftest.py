@@ -1,4 +1,4 @@
-"""Shared fixtures: composing the real configs in a temporary run directory."""
+"""Shared fixtures: composing the real configs in a temporary run directory; the ``gpu`` tier skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -15,6 +15,16 @@ from diffusion.config import CONFIG_DIR, register_resolvers
 
 register_resolvers()
 REPO = Path(__file__).resolve().parent.parent
+NO_GPU = "needs a CUDA GPU: torch.cuda.is_available() is False here"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are collected everywhere and skipped, saying why, where PyTorch sees no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(pytest.mark.skip(reason=NO_GPU))
 
 
 def compose_config(config_name: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:

@@ -21,9 +21,10 @@ OVERRIDES = smoke_overrides(**{"lr_scheduler": "constant", "optimizer.lr": 0.01,
                                "callbacks.sample_grid.every": 0, "callbacks.checkpoint.every": 5})
 
 
-def torchrun(*args: str, runs_dir: Path, processes: int = 2) -> subprocess.Popen:
-    """Start ``torchrun --nproc_per_node=N -m diffusion.cli.train ARGS`` writing under ``runs_dir``."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+def torchrun(*args: str, runs_dir: Path, processes: int = 2, env: dict | None = None) -> subprocess.Popen:
+    """Start ``torchrun --nproc_per_node=N -m diffusion.cli.train ARGS`` writing under ``runs_dir``, with ``env``
+    added to the environment."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO), **(env or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", "diffusion.cli.train", *args, f"paths.runs_dir={runs_dir}"]
     return subprocess.Popen(command, cwd=runs_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -70,13 +71,19 @@ def test_two_processes_train_the_same_model_as_one_process_with_the_same_global_
         assert step == one_step and two_values == pytest.approx(one_values, rel=1e-4)
 
 
+# the run SIGTERM stops: it could not finish before the signal lands (the resumed run is given its real max_steps)
+NEVER_DONE = "trainer.max_steps=1000000"
+
+
 def stop_with_sigterm_after(checkpoint: str, args: list[str], runs_dir: Path) -> int:
-    """Start a two-process run, send torchrun SIGTERM once ``checkpoint`` exists; return the step it stopped at."""
-    process = torchrun(*args, runs_dir=runs_dir)
+    """Start a two-process run of ``args`` with NEVER_DONE, send torchrun SIGTERM once ``checkpoint`` exists, so
+    while the run is surely training; return the step it stopped at."""
+    process = torchrun(*args, NEVER_DONE, runs_dir=runs_dir)
     deadline = time.time() + 300
-    while time.time() < deadline and not list(runs_dir.glob(f"train/*/checkpoints/{checkpoint}")):
-        if process.poll() is not None:
-            raise AssertionError(f"the run ended before {checkpoint}:\n{process.communicate()[0]}")
+    while not list(runs_dir.glob(f"train/*/checkpoints/{checkpoint}")):
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            raise AssertionError(f"the run did not reach {checkpoint}:\n{process.communicate()[0]}")
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     output = finish(process, expect_success=False)
@@ -85,11 +92,11 @@ def stop_with_sigterm_after(checkpoint: str, args: list[str], runs_dir: Path) ->
 
 
 def test_a_two_process_run_stopped_by_sigterm_resumes_exactly(tmp_path):
-    args = [*OVERRIDES, "trainer.max_steps=150", "model.dropout=0.1"]
-    finish(torchrun(*args, runs_dir=tmp_path / "straight"))
+    args = [*OVERRIDES, "model.dropout=0.1"]
+    finish(torchrun(*args, "trainer.max_steps=150", runs_dir=tmp_path / "straight"))
     stopped_at = stop_with_sigterm_after("step_10.pt", args, tmp_path / "resumed")
     assert 10 <= stopped_at < 150
-    output = finish(torchrun(*args, "resume=auto", runs_dir=tmp_path / "resumed"))
+    output = finish(torchrun(*args, "trainer.max_steps=150", "resume=auto", runs_dir=tmp_path / "resumed"))
     assert f"at step {stopped_at}" in output
 
     straight, resumed = the_run(tmp_path / "straight"), the_run(tmp_path / "resumed")
@@ -105,7 +112,7 @@ def test_a_two_process_run_stopped_by_sigterm_resumes_exactly(tmp_path):
 
 def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path):
     args = [*OVERRIDES, "trainer.max_steps=40"]
-    stopped_at = stop_with_sigterm_after("step_5.pt", args, tmp_path / "two")
+    stopped_at = stop_with_sigterm_after("step_5.pt", OVERRIDES, tmp_path / "two")
     assert 5 <= stopped_at < 40
     train(compose_config("train", [*args, f"resume={the_run(tmp_path / 'two')}"], the_run(tmp_path / "two")))
     train(compose_config("train", args, tmp_path / "one"))

@@ -27,24 +27,34 @@ def keep_writing(folder) -> None:
 
 
 def test_a_sigkill_at_any_moment_of_checkpoint_writes_leaves_last_pt_loadable_and_newest(tmp_path):
+    """40 writers killed at random moments: the first 10 from their start (the first write included), the other 30
+    once their first checkpoint exists: those 30 must each leave a last.pt, checked with the step files beside it."""
     rng = random.Random(0)
     context = multiprocessing.get_context("fork")
+    checked = []
     for trial in range(40):
         folder = tmp_path / f"trial_{trial}"
         folder.mkdir()
         writer = context.Process(target=keep_writing, args=(folder,))
         writer.start()
+        if trial >= 10:  # wait for the first checkpoint: the kill lands in one of the writes after it
+            deadline = time.monotonic() + 60
+            while not (folder / "last.pt").exists():
+                assert writer.is_alive() and time.monotonic() < deadline, f"trial {trial}: no checkpoint was written"
+                time.sleep(0.001)
         time.sleep(rng.uniform(0.0, 0.4))
         os.kill(writer.pid, signal.SIGKILL)
         writer.join()
         step_files = {int(p.stem.split("_")[1]): p for p in folder.glob("step_*.pt")}
-        if not (folder / "last.pt").exists():  # killed during the first write: nothing claims to be a checkpoint
+        if trial < 10 and not (folder / "last.pt").exists():  # killed during the first write: no file claims to be one
             assert not step_files
             continue
         last = torch.load(folder / "last.pt", weights_only=True)
         assert max(step_files, default=0) <= last["step"]  # what resume=auto reads is never behind a step file
         for step, path in step_files.items():
             assert torch.load(path, weights_only=True)["step"] == step
+        checked.append(trial)
+    assert set(range(10, 40)) <= set(checked)
 
 
 def test_a_kill_between_the_two_names_leaves_the_newest_step_in_last_pt(tmp_path, monkeypatch):

@@ -69,18 +69,26 @@ class OffByDelta(torch.nn.Module):
         return self.objective.target(x0, (x_t - alpha * x0) / sigma, alpha, sigma)
 
 
+# the squared error of each target when the implied x_0 is off by delta, x_t fixed, over delta^2, by hand: eps_hat =
+# (x_t - alpha x0_hat) / sigma is off by -alpha/sigma delta (squared: SNR delta^2); x_0 by delta; v = alpha eps -
+# sigma x_0 by -(alpha^2/sigma + sigma) delta = -delta/sigma (alpha^2 + sigma^2 = 1; squared: (1 + SNR) delta^2)
+UNIFORM_LOSS_OVER_DELTA_SQUARED = {EpsilonObjective: lambda snr: snr, X0Objective: lambda snr: torch.ones_like(snr),
+                                   VObjective: lambda snr: 1 + snr}
+
+
 @pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda c: c.__name__)
 def test_min_snr_weighting_is_min_snr_gamma_times_the_x0_error(objective):
     schedule, delta, gamma = LinearSchedule(1000), 0.1, 5.0
     x0 = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     t = torch.randint(0, 1000, (16,), generator=torch.Generator().manual_seed(1))  # what loss() draws first
     snr = (schedule.alphas_cumprod / (1 - schedule.alphas_cumprod))[t]
+    assert snr.min() < gamma < snr.max()  # both sides of the clamp are reached
     weighted = objective(weighting="min_snr", min_snr_gamma=gamma)
     loss = weighted.loss(OffByDelta(x0, schedule, weighted, delta), schedule, x0, torch.Generator().manual_seed(1))
     torch.testing.assert_close(loss, snr.clamp(max=gamma) * delta**2, rtol=2e-3, atol=1e-7)
     uniform = objective()
     loss = uniform.loss(OffByDelta(x0, schedule, uniform, delta), schedule, x0, torch.Generator().manual_seed(1))
-    torch.testing.assert_close(loss, uniform.x0_error_scale(snr) * delta**2, rtol=2e-3, atol=1e-7)
+    torch.testing.assert_close(loss, UNIFORM_LOSS_OVER_DELTA_SQUARED[objective](snr) * delta**2, rtol=2e-3, atol=1e-7)
 
 
 class LabelRecorder(torch.nn.Module):

@@ -278,9 +278,18 @@ def test_user_errors_name_the_fix(tmp_path, where, overrides, error, message):
     }[where]
     (tmp_path / "theirs").mkdir()
     (tmp_path / "theirs" / "keep.txt").write_text("someone's file")
+    before = tree(dst)
     with pytest.raises(error, match=message):
         run_prepare(src, dst, tmp_path / "run", *overrides)
-    assert not (tmp_path / "out").exists()
+    assert tree(dst) == before  # dst, the folder each case is about, is left as it was found
+    assert (before is None) == (where in ("missing", "inside", "ok"))  # absent there; elsewhere compared file by file
+
+
+def tree(folder: Path) -> dict[str, bytes | None] | None:
+    """Every entry under ``folder`` (folders as None, files with their bytes), or None where there is no folder."""
+    if not folder.exists():
+        return None
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
 
 
 def test_command_line_prepares_and_prints_the_summary(tmp_path):

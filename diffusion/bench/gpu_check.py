@@ -7,6 +7,11 @@ Each case trains ``experiment=cars64`` (the 64x64 UNet) on generated 64x64 image
 ``torchrun`` with one process (DDP over NCCL), with the given extra overrides; then it prints one line per case:
 images per second (the median of the logged windows after the first, so compilation is left out), achieved
 TFLOP/s and utilisation of the bf16 peak measured here; ``gpu_check.json`` holds the same.
+
+Its companion is the GPU tier of the tests, ``pytest -m gpu`` (tests/test_gpu.py, a few minutes): the same CUDA
+paths checked for correctness with tiny models (bf16 and fp16 steps with a skipped non-finite one, the scaler's
+state, channels-last and compiled steps against eager ones, one-process NCCL DDP against no DDP, a CUDA checkpoint
+resumed on the CPU, GPU samples against CPU ones). This script measures their speed; run both on a new machine.
 """
 
 from __future__ import annotations
