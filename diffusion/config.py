@@ -15,9 +15,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from diffusion.conf import CONFIG_DIR
 from diffusion.engine.distributed import computed_by_rank_zero
 from diffusion.engine.run_dir import run_dir_for
-from diffusion.process.samplers import steps_for_nfe
-from diffusion.reports.sweeps import register_sweep_resolvers
 from diffusion.errors import CheckpointError, ConfigError
+from diffusion.process.samplers import steps_for_nfe
+from diffusion.reports.sweep_parameters import register_sweep_resolvers
 
 
 def now(format: str) -> str:

@@ -7,8 +7,8 @@ import signal
 
 import torch
 
-from diffusion.engine.callbacks import Callback
 from diffusion.data import ImageFolderDataset
+from diffusion.engine.callbacks import Callback
 
 
 def perturb_zero_layers(model: torch.nn.Module) -> None:
@@ -25,11 +25,11 @@ class CountSteps(Callback):
     def __init__(self, every: int, path: str) -> None:
         self.every, self.path, self.fired = every, path, []
 
-    def on_step_end(self, trainer) -> None:
-        if trainer.due(self.every):
-            self.fired.append(trainer.step)
+    def on_step_end(self, run) -> None:
+        if run.due(self.every):
+            self.fired.append(run.step)
             with open(self.path, "a") as f:
-                f.write(f"{trainer.step}\n")
+                f.write(f"{run.step}\n")
 
     def state_dict(self) -> dict:
         return {"fired": list(self.fired)}
@@ -47,16 +47,16 @@ class InjectFaults(Callback):
     def __init__(self, path: str, nan_from: int = 0, nan_until: int = 0, fail_writes_from: int = 0) -> None:
         self.path, self.nan_from, self.nan_until, self.fail_writes_from = path, nan_from, nan_until, fail_writes_from
 
-    def on_fit_start(self, trainer) -> None:
-        loss = trainer.objective.loss
+    def on_fit_start(self, run) -> None:
+        loss = run.task.objective.loss
 
         def faulty_loss(*args, **kwargs):
             value = loss(*args, **kwargs)
-            return value * float("nan") if self.nan_from <= trainer.step + 1 < self.nan_until else value
+            return value * float("nan") if self.nan_from <= run.step + 1 < self.nan_until else value
 
-        trainer.objective.loss = faulty_loss
+        run.task.objective.loss = faulty_loss
         if self.fail_writes_from:
-            import diffusion.engine.callbacks.checkpoint as module
+            import diffusion.engine.callbacks.checkpointing as module
 
             save = module.save_checkpoint
 
@@ -67,9 +67,9 @@ class InjectFaults(Callback):
 
             module.save_checkpoint = failing_save
 
-    def on_step_end(self, trainer) -> None:
+    def on_step_end(self, run) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": trainer.step, "weights": weights_checksum(trainer.model.state_dict())}) + "\n")
+            f.write(json.dumps({"step": run.step, "weights": weights_checksum(run.model.state_dict())}) + "\n")
 
 
 def weights_checksum(state_dict: dict) -> float:
@@ -84,3 +84,45 @@ class PoisonedFolder(ImageFolderDataset):
         if path.name.startswith("poison"):
             os.kill(os.getpid(), signal.SIGKILL)
         return super().load(path)
+
+
+class IncompleteNetwork(torch.nn.Module):
+    """A user's own network that forgot part of the contract: no ``num_classes``, ``null_label`` or
+    ``check_image_size``."""
+
+    def __init__(self, image_size: int = 16, in_channels: int = 1, **unused) -> None:
+        super().__init__()
+        self.image_size, self.in_channels = image_size, in_channels
+        self.conv = torch.nn.Conv2d(in_channels, in_channels, 3, padding=1)
+
+    def forward(self, x, t, class_labels=None):
+        return self.conv(x)
+
+
+class IncompleteDataset(torch.utils.data.Dataset):
+    """A user's own data set without ``fingerprint`` and ``random_flip``."""
+
+    classes, image_size, channels = ["a"], 16, 1
+
+    def __init__(self, **unused) -> None:
+        pass
+
+    @property
+    def num_classes(self) -> int:
+        return 1
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index):
+        return torch.zeros(1, 16, 16), 0
+
+
+class RecordRunView(Callback):
+    """Keeps what its hooks received."""
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    def on_step_end(self, run) -> None:
+        self.seen.append(run)

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.weights.averages import ExponentialAverage, WeightAverages
+from diffusion.cli.train import train
 from diffusion.engine.callbacks import Callback
 from diffusion.engine.checkpoint import load_checkpoint, save_checkpoint
+from diffusion.weights.averages import ExponentialAverage, WeightAverages
+from diffusion.weights.choose import choose_weights
 from diffusion.weights.posthoc import power_profile, sigma_rel_to_gamma
 from diffusion.weights.trained_model import load_trained
-from diffusion.cli.train import train
-from diffusion.weights.choose import choose_weights
 from tests.conftest import cli, compose_config, smoke_overrides
 
 # the scalar weight after optimizer step t (t = 1..8): anything that is not a straight line
@@ -185,6 +185,7 @@ def test_snapshots_without_power_emas_are_refused(tmp_path):
         train(cfg)
 
 
+@pytest.mark.slow
 def test_diffusion_sample_takes_weights_by_name(tmp_path):
     run = tmp_path / "run"
     train(compose_config("train", smoke_overrides(**{"trainer.max_steps": 4, "trainer.swa": "true",
@@ -197,6 +198,7 @@ def test_diffusion_sample_takes_weights_by_name(tmp_path):
     assert result.returncode == 2 and "weights='ema_0.5' is not in" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_diffusion_posthoc_writes_a_checkpoint_that_describes_samples_and_refuses_to_resume(tmp_path):
     run = tmp_path / "run"
     train(compose_config("train", smoke_overrides(**{
@@ -224,8 +226,8 @@ def test_diffusion_posthoc_writes_a_checkpoint_that_describes_samples_and_refuse
 
 
 def test_a_length_the_snapshots_span_poorly_is_reconstructed_with_a_warning(tmp_path, caplog):
-    from diffusion.weights.posthoc import sigma_rel_to_gamma as gamma_of
     from diffusion.weights.choose import reconstruct
+    from diffusion.weights.posthoc import sigma_rel_to_gamma as gamma_of
 
     state = {"step": 100, "averages": {
         f"ema_rel{s}": {"kind": "power_ema", "num_updates": 100, "gamma": gamma_of(s), "sigma_rel": s,

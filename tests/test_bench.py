@@ -12,16 +12,16 @@ import torch
 from hydra.utils import instantiate
 
 from diffusion.bench import measure
-from diffusion.cli.bench import bench
 from diffusion.bench.measure import PeakMemory, count_flops, peak_matmul_flops
 from diffusion.bench.options import read_options
 from diffusion.bench.report import table
 from diffusion.bench.runner import new_engine
 from diffusion.bench.workloads import ModelSetup, Parts, build_model, seed_loop_sample
+from diffusion.cli.bench import bench
 from diffusion.models.layers import AttentionBlock
+from diffusion.process.generate import make_denoiser
 from diffusion.process.objectives import EpsilonObjective
 from diffusion.process.samplers import image_generators, randn_per_image, sample_ddpm
-from diffusion.process.generate import make_denoiser
 from diffusion.process.schedules import LinearSchedule
 from tests.conftest import cli, compose_config
 
@@ -42,6 +42,7 @@ def report(tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow
 def test_the_report_holds_every_figure_with_sane_values(report):
     result, out = report
     assert json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(result))
@@ -76,6 +77,7 @@ def test_the_report_holds_every_figure_with_sane_values(report):
     assert lines[0].endswith("2 proc/1") and lines[2].split()[-1] == f"{scaling['over_one_process']:.3f}"
 
 
+@pytest.mark.slow
 def test_the_profile_lists_the_top_ops_by_self_time(report):
     profile = report[0]["profile"]
     ops = profile["train_top_ops"]
@@ -115,6 +117,7 @@ def closed_form_flops(model: torch.nn.Module, image_size: int, channels: int) ->
     return sum(flops), sum(input_free)
 
 
+@pytest.mark.slow
 def test_flops_per_image_equal_a_count_by_hand(report):
     row = report[0]["results"][0]
     model = build_model(ModelSetup("unet_tiny", image_size=8, channels=1, batch_size=4, sample_batch_size=3),
@@ -161,7 +164,7 @@ def test_the_channels_last_ratio_compares_the_two_memory_layouts(tmp_path):
     engines = {variant: new_engine(setup, parts, "fp32", variant, opts, tmp_path) for variant in opts.variants}
     assert list(engines) == ["eager", "channels_last"]
     for name, layout in (("eager", {False}), ("channels_last", {True})):
-        trained, sampled = engines[name].trainer.model, engines[name].trainer.ema.model  # the train and sample ratios
+        trained, sampled = engines[name].trainer.model, engines[name].trainer.averages.primary.model  # the train and sample ratios
         assert channels_last_convolutions(trained) == channels_last_convolutions(sampled) == layout, name
 
 
@@ -222,6 +225,7 @@ def test_asking_for_cuda_without_one_names_the_fix():
         read_options(compose_config("bench", ["device=cuda"]))
 
 
+@pytest.mark.slow
 def test_the_command_writes_bench_json_in_a_dated_run_directory(tmp_path):
     result = cli("bench", *TINY, "channels_last=false", cwd=tmp_path)
     (path,) = (tmp_path / "runs" / "bench").glob("*/bench.json")
@@ -230,6 +234,7 @@ def test_the_command_writes_bench_json_in_a_dated_run_directory(tmp_path):
     assert "unet_tiny" in result.stdout and "engine img/s" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_gpu_check_trains_each_case_under_torchrun_and_reports_its_speed(tmp_path):
     """On the CPU, with a tiny model: the plumbing of the GPU check (on a GPU it runs experiment=cars64); its
     arithmetic is checked with known figures in the next test."""

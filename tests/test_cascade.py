@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.process.cascade import bicubic_baseline, consistency, psnr
-from diffusion.models import SuperResolutionUNet
-from diffusion.data.resize import area_downsample
-from diffusion.models.super_resolution import augment
 from diffusion.cli.train import train
+from diffusion.data.resize import area_downsample
+from diffusion.models import SuperResolutionUNet
+from diffusion.models.super_resolution import augment
+from diffusion.process.cascade import bicubic_baseline, consistency, psnr
 from tests.conftest import cli, compose_config, smoke_overrides
 
 
@@ -97,10 +97,11 @@ def test_the_consistency_of_an_exact_upsampler_is_infinite_and_an_offset_gives_i
     assert area_downsample(nearest, 8).equal(low)
 
 
+@pytest.mark.slow
 def test_a_two_stage_cascade_of_tiny_models_samples_and_evaluates_every_stage(tmp_path):
     base_run, stage_run = tmp_path / "base", tmp_path / "sr"
     train(compose_config("train", smoke_overrides(**{"dataset.image_size": 8, "model.num_classes": "auto"}), base_run))
-    train(compose_config("train", smoke_overrides(**{"model": "sr_unet_tiny", "model.low_resolution": 8,
+    train(compose_config("train", smoke_overrides(**{"task": "super_resolution", "model": "sr_unet_tiny", "model.low_resolution": 8,
                                                      "callbacks": "[default,validation]",
                                                      "callbacks.validation.every": 2}), stage_run))
     records = [json.loads(line) for line in (stage_run / "metrics.jsonl").read_text().splitlines()]
@@ -128,6 +129,7 @@ def test_a_two_stage_cascade_of_tiny_models_samples_and_evaluates_every_stage(tm
     assert {"fd", "consistency_psnr"} <= set(baseline) and baseline["fd"] > 0 and result["metrics"]["fd"] > 0
 
 
+@pytest.mark.slow
 def test_a_cascade_whose_stages_do_not_chain_is_refused(tmp_path):
     run = tmp_path / "base"
     train(compose_config("train", smoke_overrides(), run))

@@ -4,12 +4,12 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.engine.checkpoint import load_checkpoint
-from diffusion.process.labels import resolve_class_labels
-from diffusion.models import UNet
 from diffusion.cli.sample import sample
-from diffusion.process.generate import guided_output
 from diffusion.cli.train import train
+from diffusion.engine.checkpoint import load_checkpoint
+from diffusion.models import UNet
+from diffusion.process.generate import guided_output
+from diffusion.process.labels import resolve_class_labels
 from tests.conftest import compose_config, smoke_overrides
 from tests.helpers import perturb_zero_layers
 

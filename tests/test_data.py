@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion.cli.train import train
 from diffusion.data import DigitsDataset, EpochBatchSampler, ImageFolderDataset, TensorImageDataset
 from diffusion.errors import LoaderWorkerDied, exit_code_of
-from diffusion.cli.train import train
 from tests.conftest import compose_config, smoke_overrides
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion.engine.checkpoint import load_checkpoint
 from diffusion.cli.train import train
+from diffusion.engine.checkpoint import load_checkpoint
 from tests.conftest import REPO, compose_config, smoke_overrides
 
 # a conditional model with label dropout, random flips and accumulation: every random draw of a step is exercised
@@ -51,6 +51,7 @@ def logged(run: Path) -> list[tuple]:
     return [(r["step"], r["loss"], r["lr"], r["grad_norm"], r["epoch"]) for r in records]
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_model_as_one_process_with_the_same_global_batch(tmp_path):
     output = finish(torchrun(*OVERRIDES, "trainer.max_steps=6", runs_dir=tmp_path / "two"))
     assert "2 processes, 16 images per step (trainer.batch_size 8 split over 2 processes, x 2 accumulation" in output
@@ -91,6 +92,7 @@ def stop_with_sigterm_after(checkpoint: str, args: list[str], runs_dir: Path) ->
     return load_checkpoint(the_run(runs_dir) / "checkpoints" / "last.pt")["step"]
 
 
+@pytest.mark.slow
 def test_a_two_process_run_stopped_by_sigterm_resumes_exactly(tmp_path):
     args = [*OVERRIDES, "model.dropout=0.1"]
     finish(torchrun(*args, "trainer.max_steps=150", runs_dir=tmp_path / "straight"))
@@ -110,6 +112,7 @@ def test_a_two_process_run_stopped_by_sigterm_resumes_exactly(tmp_path):
     assert logged(straight) == logged(resumed)
 
 
+@pytest.mark.slow
 def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path):
     args = [*OVERRIDES, "trainer.max_steps=40"]
     stopped_at = stop_with_sigterm_after("step_5.pt", OVERRIDES, tmp_path / "two")

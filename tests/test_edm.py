@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from diffusion.process.generate import make_denoiser
 from diffusion.process.objectives import EDMObjective
 from diffusion.process.samplers import image_generators, randn_per_image, sample_dpmpp_2m, sample_heun
-from diffusion.process.generate import make_denoiser
 from diffusion.process.schedules import EDMSchedule
 from tests.test_samplers import gaussian_data
 

@@ -3,14 +3,15 @@
 import pytest
 import torch
 
+from diffusion.cli.train import train
+from diffusion.data import DigitsDataset
 from diffusion.engine.callbacks import Callback
 from diffusion.engine.checkpoint import load_checkpoint, save_checkpoint
-from diffusion.data import DigitsDataset
+from diffusion.engine.tasks import DiffusionTask
+from diffusion.engine.trainer import Trainer
 from diffusion.models import UNet
 from diffusion.process.objectives import EpsilonObjective
 from diffusion.process.schedules import LinearSchedule
-from diffusion.cli.train import train
-from diffusion.engine.trainer import Trainer
 from tests.conftest import compose_config, smoke_overrides
 
 
@@ -28,10 +29,10 @@ def one_sgd_step(tmp_path, batch_size, accumulation_steps):
                  attention_resolutions=(4,), num_heads=2, norm_groups=4)
     trainer = Trainer(max_steps=1, batch_size=batch_size, accumulation_steps=accumulation_steps, device="cpu",
                       grad_clip=None)
-    trainer.fit(model=model, schedule=LinearSchedule(10), objective=ReconstructionObjective(),
-                dataset=DigitsDataset(image_size=8), optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
-                lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0),
-                run_dir=tmp_path)
+    task = DiffusionTask(model, LinearSchedule(10), ReconstructionObjective(),
+                         optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
+                         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0, 0))
+    trainer.fit(task, DigitsDataset(image_size=8), tmp_path)
     return model.state_dict()
 
 
@@ -51,16 +52,16 @@ class RecordActivationDtypes(Callback):
     def __init__(self) -> None:
         self.dtypes: set[str] = set()
 
-    def on_fit_start(self, trainer) -> None:
+    def on_fit_start(self, run) -> None:
         def record(module, inputs, output):
             if module.training:
                 self.dtypes.add(f"{type(module).__name__}: {output.dtype}")
 
-        self.layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in trainer.model.modules())
-        self.hooks = [m.register_forward_hook(record) for m in trainer.model.modules()
+        self.layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in run.model.modules())
+        self.hooks = [m.register_forward_hook(record) for m in run.model.modules()
                       if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
 
-    def on_fit_end(self, trainer) -> None:
+    def on_fit_end(self, run) -> None:
         for hook in self.hooks:
             hook.remove()
 

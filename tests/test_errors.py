@@ -14,8 +14,9 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from diffusion.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from diffusion.cli.train import train
 from diffusion.config import CONFIG_DIR, check_value_types, register_resolvers
+from diffusion.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from diffusion.errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -27,7 +28,6 @@ from diffusion.errors import (
     message_of,
     reported_errors,
 )
-from diffusion.cli.train import train
 from tests.conftest import cli, compose_config, smoke_overrides
 
 
@@ -87,6 +87,10 @@ CASES = [
     ("posthoc", ["checkpoint={conditional}", "sigma_rel=wide"], r"sigma_rel='wide' must be a number"),
     ("convert", [], r"checkpoint is not set \(it is \?\?\?\): pass checkpoint=\.\.\. on the command line"),
     ("train", ["debug=smoke", "logger=none", "trainer.device=gpu"], r"trainer.device='gpu' is not a device"),
+    ("train", ["debug=smoke", "logger=none", "resume=no_such_run"], r"resume='no_such_run' does not exist: pass a "
+                                                                    r"run directory, a checkpoint, or resume=auto"),
+    ("train", ["debug=smoke", "logger=none", "model=sr_unet_tiny", "model.low_resolution=8"],
+     r"model SuperResolutionUNet is a super-resolution stage: it trains on pairs of images with task=super_resolution"),
 ]
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
 CASES += [  # a GPU asked for where there is none (a crash with PyTorch's "no NVIDIA driver" traceback before)
@@ -99,6 +103,7 @@ CASES += [  # a GPU asked for where there is none (a crash with PyTorch's "no NV
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, args, message", CASES,
                          ids=[f"{c}-{'-'.join(a)[:40]}" for c, a, _ in (getattr(x, "values", x) for x in CASES)])
 def test_a_mistake_prints_one_line_naming_the_fix_and_exits_2(files, tmp_path, command, args, message):
@@ -138,7 +143,7 @@ sys.argv = ["diffusion-{command}", *sys.argv[1:]]
 command.main()
 """
 # (command, the module and function replaced, arguments that would get there)
-PATCHED = [("prepare", "diffusion.data.prepare", "check_folders", ["src=images", "dst=prepared"]),
+PATCHED = [("prepare", "diffusion.data.prepare_folder", "check_folders", ["src=images", "dst=prepared"]),
            ("sample", "diffusion.cli.sample", "resolve_device", ["checkpoint=model.pt"])]
 
 

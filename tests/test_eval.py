@@ -6,17 +6,17 @@ import shutil
 import numpy
 import pytest
 import torch
-from PIL import Image
 from hydra.errors import InstantiationException
+from PIL import Image
 
-from diffusion.data import DigitsDataset, ImageFolderDataset
 from diffusion.cli.eval import evaluate
+from diffusion.cli.train import train
+from diffusion.data import DigitsDataset, ImageFolderDataset
 from diffusion.evaluation.evaluator import METRIC_KEYS, reference_statistics
 from diffusion.evaluation.features import DigitsClassifier, InceptionV3, extract, in_batches
-from diffusion.reports.images import save_images
 from diffusion.evaluation.metrics import high_frequency_energy
 from diffusion.process.samplers import steps_for_nfe
-from diffusion.cli.train import train
+from diffusion.reports.images import save_images
 from tests.conftest import cli, compose_config, smoke_overrides
 
 
@@ -34,6 +34,7 @@ def eval_config(out, cache_dir, *overrides):
     return compose_config("eval", [f"paths.cache_dir={cache_dir}", "device=cpu", *overrides], out)
 
 
+@pytest.mark.slow
 def test_the_digits_classifier_is_accurate_and_trained_only_once(classifier, cache_dir):
     assert classifier.trained and classifier.weights_path.parent == cache_dir / "features"
     test = DigitsDataset(image_size=16, split="test")
@@ -55,6 +56,7 @@ def test_a_classifier_below_the_accuracy_floor_is_refused(tmp_path):
         DigitsClassifier(cache_dir=str(tmp_path), epochs=1, min_test_accuracy=0.999)
 
 
+@pytest.mark.slow
 def test_held_out_real_digits_score_near_zero_and_noise_far_worse(classifier, cache_dir, tmp_path):
     real = evaluate(eval_config(tmp_path / "real", cache_dir, "real_split=test", "save_images=true"))
     assert json.loads((tmp_path / "real" / "eval.json").read_text()) == json.loads(json.dumps(real))
@@ -92,6 +94,7 @@ def test_held_out_real_digits_score_near_zero_and_noise_far_worse(classifier, ca
         assert numpy.array_equal(numpy.array(grid)[2:18, 2:18], numpy.array(image))
 
 
+@pytest.mark.slow
 def test_reference_statistics_are_computed_once_per_data_set_split_and_extractor(classifier, cache_dir, tmp_path):
     fresh = tmp_path / "cache"
     shutil.copytree(cache_dir / "features", fresh / "features")  # the classifier, not the reference features
@@ -165,6 +168,7 @@ def conditional_checkpoint(tmp_path_factory):
     return run / "checkpoints" / "last.pt"
 
 
+@pytest.mark.slow
 def test_diffusion_eval_of_a_checkpoint_writes_every_metric(conditional_checkpoint, cache_dir, tmp_path):
     overrides = [f"paths.runs_dir={tmp_path}", f"paths.cache_dir={cache_dir}", f"checkpoint={conditional_checkpoint}",
                  "num_images=20", "batch_size=10", "device=cpu", "guidance_scale=2"]
@@ -179,6 +183,7 @@ def test_diffusion_eval_of_a_checkpoint_writes_every_metric(conditional_checkpoi
     assert result["source"]["step"] == 4 and result["source"]["weights"] == "ema_0.999"
 
 
+@pytest.mark.slow
 def test_a_sampler_sweep_ends_with_a_report_of_every_job(conditional_checkpoint, cache_dir, tmp_path):
     cli("eval", "-m", "sampler=ddim,heun", "sampler.steps=3,5", f"checkpoint={conditional_checkpoint}",
         "num_images=10", "batch_size=10", "device=cpu", f"paths.runs_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
@@ -198,6 +203,7 @@ def test_a_sampler_sweep_ends_with_a_report_of_every_job(conditional_checkpoint,
     assert "| conditional_accuracy | broken_images | seconds_per_image |" in table[0]
 
 
+@pytest.mark.slow
 def test_the_sampler_study_runs_every_sampler_on_a_budget_of_network_evaluations(
         conditional_checkpoint, cache_dir, tmp_path):
     # the study's own grid, narrowed on the command line (command-line sweeps win over hydra.sweeper.params)

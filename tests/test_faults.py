@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from diffusion.engine.callbacks.checkpoint import write_checkpoint
+from diffusion.cli.train import train
+from diffusion.engine.callbacks.checkpointing import write_checkpoint
 from diffusion.engine.checkpoint import load_checkpoint, save_checkpoint
 from diffusion.engine.signals import StopRequest
-from diffusion.cli.train import train
 from tests.conftest import REPO, cli, compose_config, smoke_overrides
 
 
@@ -26,6 +26,7 @@ def keep_writing(folder) -> None:
         write_checkpoint({"step": step, "payload": payload}, folder / "last.pt", folder / f"step_{step}.pt", keep=2)
 
 
+@pytest.mark.slow
 def test_a_sigkill_at_any_moment_of_checkpoint_writes_leaves_last_pt_loadable_and_newest(tmp_path):
     """40 writers killed at random moments: the first 10 from their start (the first write included), the other 30
     once their first checkpoint exists: those 30 must each leave a last.pt, checked with the step files beside it."""
@@ -96,6 +97,7 @@ def faulty_run(tmp_path, fault: str, *extra: str, check: bool = True):
     return result, run_dir, weights
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_skips_its_update_and_is_counted(tmp_path):
     result, run_dir, weights = faulty_run(tmp_path, "  nan_from: 3\n  nan_until: 4\n")
     assert weights[3] == weights[2] and weights[4] != weights[3] and weights[2] != weights[1]
@@ -106,6 +108,7 @@ def test_a_non_finite_loss_skips_its_update_and_is_counted(tmp_path):
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["skipped_steps"] == 1
 
 
+@pytest.mark.slow
 def test_too_many_non_finite_steps_in_a_row_stop_the_run_with_the_last_good_weights_saved(tmp_path):
     result, run_dir, weights = faulty_run(tmp_path, "  nan_from: 3\n  nan_until: 100\n",
                                           "trainer.max_nonfinite_steps=3", check=False)
@@ -119,6 +122,7 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run_with_the_last_good_weig
     assert state["step"] == 5 and weights_checksum(state["model"]) == weights[2]
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_write_keeps_the_previous_one_and_exits_3(tmp_path):
     result, run_dir, _ = faulty_run(tmp_path, "  fail_writes_from: 4\n", check=False)
     output = result.stdout + result.stderr

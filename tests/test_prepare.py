@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from diffusion.data import ImageFolderDataset
-from diffusion.data.prepare import REPORT, prepare
+from diffusion.data.prepare_folder import REPORT, prepare
 from diffusion.data.prepare_image import to_8bit, to_output_mode
 from tests.conftest import cli, compose_config
 

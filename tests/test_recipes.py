@@ -10,10 +10,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion.engine.checkpoint import load_checkpoint
-from diffusion.weights.trained_model import load_trained
-from diffusion.process.generate import generate
 from diffusion.cli.train import train
+from diffusion.engine.checkpoint import load_checkpoint
+from diffusion.process.generate import generate
+from diffusion.weights.trained_model import load_trained
 from tests.conftest import compose_config, smoke_overrides
 
 T = 20  # debug=smoke's schedule.num_timesteps

@@ -5,12 +5,12 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from diffusion.engine.checkpoint import load_checkpoint, save_checkpoint
-from diffusion.config import instantiate_from_checkpoint_config
-from diffusion.reports.images import to_uint8
 from diffusion.cli.sample import sample
-from diffusion.process.generate import generate
 from diffusion.cli.train import train
+from diffusion.config import instantiate_from_checkpoint_config
+from diffusion.engine.checkpoint import load_checkpoint, save_checkpoint
+from diffusion.process.generate import generate
+from diffusion.reports.images import to_uint8
 from tests.conftest import cli, compose_config, smoke_overrides
 
 
@@ -75,6 +75,7 @@ def test_sampling_is_reproducible_per_seed_and_ema_differs_from_raw(checkpoint, 
         assert torch.equal(image, to_uint8(expected[0]).flatten())
 
 
+@pytest.mark.slow
 def test_the_sample_command_line(checkpoint, tmp_path):
     cli("sample", f"checkpoint={checkpoint}", "num_images=4", "seed=3", "device=cpu", f"paths.runs_dir={tmp_path}",
         cwd=tmp_path)
@@ -131,3 +132,14 @@ def test_a_checkpoint_written_before_the_sub_packages_samples_the_same_images(ch
     sample(compose_config("sample", [f"checkpoint={tmp_path / 'old.pt'}", "num_images=4", "sampler.steps=3"],
                           tmp_path / "migrated"))
     assert torch.equal(pixels(tmp_path / "new" / "grid.png"), pixels(tmp_path / "migrated" / "grid.png"))
+
+
+@pytest.mark.parametrize("count, channels, nrow", [(5, 1, 2), (7, 3, 3), (4, 1, 8), (1, 3, 4), (64, 1, 8)])
+def test_grids_are_laid_out_as_torchvision_lays_them_out(count, channels, nrow):
+    from torchvision.utils import make_grid
+
+    from diffusion.reports.images import tile
+
+    images = torch.rand(count, channels, 6, 5, generator=torch.Generator().manual_seed(count)) * 2 - 1
+    expected = make_grid(images, nrow=nrow, padding=2, pad_value=-1.0)
+    assert torch.equal(tile(images, nrow), expected[:channels])

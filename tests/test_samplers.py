@@ -14,13 +14,26 @@ from omegaconf import OmegaConf
 import diffusion.process.samplers
 from diffusion.config import CONFIG_DIR
 from diffusion.models import UNet
+from diffusion.process.generate import generate, sampling_progress
 from diffusion.process.objectives import EpsilonObjective
 from diffusion.process.samplers import (
-    image_generators, karras_sigmas, log_snr_sigmas, randn_per_image, sample_ddim, sample_ddpm, sample_dpmpp_2m,
-    sample_dpmpp_2m_sde, sample_dpmpp_3m_sde, sample_edm, sample_euler, sample_euler_ancestral, sample_heun,
-    sampling_sigmas, sampling_timesteps, steps_for_nfe,
+    image_generators,
+    karras_sigmas,
+    log_snr_sigmas,
+    randn_per_image,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_3m_sde,
+    sample_edm,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sampling_sigmas,
+    sampling_timesteps,
+    steps_for_nfe,
 )
-from diffusion.process.generate import generate, sampling_progress
 from diffusion.process.schedules import CosineSchedule, LinearSchedule, SigmoidSchedule
 from tests.helpers import perturb_zero_layers
 
@@ -73,6 +86,7 @@ def sample_gaussian_data(schedule, variance, num_images=64):
                        variance=variance, clip_denoised=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "schedule, variance", [(LinearSchedule(1000), "beta_tilde"), (CosineSchedule(1000), "beta")], ids=["linear", "cosine"]
 )
@@ -85,6 +99,7 @@ def test_ddpm_with_the_exact_denoiser_matches_the_chains_exact_moments(schedule,
     assert z.var().item() == pytest.approx(1.0, abs=0.012)
 
 
+@pytest.mark.slow
 def test_ddpm_reaches_the_data_distribution():
     """With 1000 steps the chain lands on the data: sigma^2 = beta_t over-disperses by under 2%, beta_tilde
     under-disperses by under 10% (Ho et al. 2020, Sec. 3.2: the two bracket the true reverse variance)."""

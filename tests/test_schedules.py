@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from diffusion.process.schedules import CosineSchedule, LinearSchedule, SigmoidSchedule, far_from_noise
 from diffusion.cli.train import train
+from diffusion.process.schedules import CosineSchedule, LinearSchedule, SigmoidSchedule, far_from_noise
 from tests.conftest import compose_config, smoke_overrides
 
 

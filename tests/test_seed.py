@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion.engine.checkpoint import load_weights
 from diffusion.config import CONFIG_DIR
+from diffusion.engine.checkpoint import load_weights
 from diffusion.models import SeedUNet
-from diffusion.weights.trained_model import load_trained
-from diffusion.process.samplers import image_generators, randn_per_image
 from diffusion.process.generate import generate
+from diffusion.process.samplers import image_generators, randn_per_image
 from diffusion.process.schedules import LinearSchedule
+from diffusion.weights.trained_model import load_trained
 from tests.conftest import cli
 
 REFERENCE_KEYS = Path(__file__).parent / "data" / "seed_unet_state_dict.txt"
@@ -89,6 +89,7 @@ def seed_forward(sd: dict, x: torch.Tensor, t: torch.Tensor, time_dim: int, trai
     return F.conv2d(h, sd["out_conv.weight"], sd["out_conv.bias"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base_channels, time_dim, size", [(8, 32, 16), (64, 256, 64)], ids=["reduced", "seed"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("channels_last, attention", [(True, "sdpa"), (False, "sdpa"), (False, "seed")],
@@ -197,6 +198,7 @@ def test_a_seed_file_is_rebuilt_from_the_seed_recipe_with_the_t_the_user_gives(s
         load_trained(path, seed_format={"recipe": "cars", "noise_steps": 20})
 
 
+@pytest.mark.slow
 def test_diffusion_sample_samples_a_seed_file_with_the_seeds_own_sampler(seed_file, tmp_path):
     path, _ = seed_file
     result = cli("sample", f"checkpoint={path}", "sampler=seed_ddpm", "seed_format.noise_steps=6", "num_images=2",
@@ -206,6 +208,7 @@ def test_diffusion_sample_samples_a_seed_file_with_the_seeds_own_sampler(seed_fi
     assert len(list(grid.parent.glob("images/*.png"))) == 2
 
 
+@pytest.mark.slow
 def test_a_converted_seed_file_samples_the_same_images(seed_file, tmp_path):
     path, _ = seed_file
     cli("convert", f"checkpoint={path}", "seed_format.noise_steps=20", f"paths.runs_dir={tmp_path}", cwd=tmp_path)
@@ -250,8 +253,8 @@ def image_folder(root: Path, count: int = 8) -> Path:
 
 
 def test_fine_tuning_starts_from_a_seed_files_weights_and_adam_moments(tmp_path):
-    from diffusion.engine.checkpoint import load_checkpoint
     from diffusion.cli.train import train
+    from diffusion.engine.checkpoint import load_checkpoint
     from tests.conftest import compose_config
 
     torch.manual_seed(123)  # not the run's seed: a run from scratch starts elsewhere
@@ -282,8 +285,8 @@ def test_fine_tuning_starts_from_a_seed_files_weights_and_adam_moments(tmp_path)
 
 
 def test_the_seed_recipe_trains_seed_unet_under_the_engine_with_debug_smoke(tmp_path):
-    from diffusion.engine.checkpoint import load_checkpoint
     from diffusion.cli.train import train
+    from diffusion.engine.checkpoint import load_checkpoint
     from tests.conftest import compose_config
 
     cfg = compose_config("train", ["experiment=seed_cars64", f"dataset.root={image_folder(tmp_path / 'data')}",

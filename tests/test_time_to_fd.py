@@ -8,14 +8,14 @@ import pytest
 import yaml
 from PIL import Image
 
-import diffusion.engine.callbacks.metrics
+import diffusion.engine.callbacks.metrics_logger
 import diffusion.engine.trainer
-from diffusion.engine.callbacks.metrics import remaining_seconds
+from diffusion.cli.train import train
+from diffusion.engine.callbacks.metrics_logger import remaining_seconds
 from diffusion.engine.checkpoint import load_checkpoint
+from diffusion.engine.trainer import Trainer
 from diffusion.reports.sweep_report import SweepReport
 from diffusion.reports.tables import time_to_target
-from diffusion.cli.train import train
-from diffusion.engine.trainer import Trainer
 from tests.conftest import cli, compose_config, smoke_overrides
 
 EXPERIMENTS = ["digits_ddpm", "digits_min_snr", "digits_v_cosine", "digits_edm", "digits"]
@@ -77,10 +77,10 @@ def test_a_time_budget_ends_the_run_at_the_step_that_reaches_it_and_is_kept_acro
 
 def test_under_a_time_budget_the_eta_counts_to_the_budget_not_to_max_steps(tmp_path, monkeypatch, caplog):
     each_step_takes(0.75, monkeypatch)
-    monkeypatch.setattr(diffusion.engine.callbacks.metrics, "time", diffusion.engine.trainer.time)  # the same clock
+    monkeypatch.setattr(diffusion.engine.callbacks.metrics_logger, "time", diffusion.engine.trainer.time)  # the same clock
     overrides = smoke_overrides(**{"trainer.max_steps": 100, "trainer.max_train_seconds": 6, **QUIET,
                                    "callbacks.metrics.every": 2})
-    with caplog.at_level(logging.INFO, logger="diffusion.engine.callbacks.metrics"):
+    with caplog.at_level(logging.INFO, logger="diffusion.engine.callbacks.metrics_logger"):
         train(compose_config("train", overrides, tmp_path))
     # at step 2, 1.5 s of 6: 4.5 s left of the budget (it said 1m14s, the time to step 100, before)
     assert "step 2/100 " in caplog.text and "eta 4s" in caplog.text.split("step 2/100 ")[1].splitlines()[0]
@@ -91,6 +91,7 @@ def test_under_a_time_budget_the_eta_counts_to_the_budget_not_to_max_steps(tmp_p
     assert remaining_seconds(10.0, 100, 900, 8.0, train_seconds_left=-1.0) == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("at_end, evaluated", [(False, [3, 6]), (True, [3, 6, 7])])
 def test_evaluations_follow_the_training_seconds_and_at_end_adds_the_last_step(tmp_path, monkeypatch, cache_dir,
                                                                                at_end, evaluated):
@@ -204,6 +205,7 @@ def test_the_benchmark_sweeps_the_recipes_and_its_settings_win_over_theirs(exper
     assert report.target == {"metric": "fd", "value": None, "of": "experiment=digits_ddpm"}
 
 
+@pytest.mark.slow
 def test_the_benchmark_runs_as_one_sweep_that_ends_with_the_time_to_fd_report(tmp_path, cache_dir):
     # two recipes on the smoke settings: one evaluation each, at its last step (at_end)
     cli("train", "-m", "benchmark=time_to_fd", "experiment=digits_ddpm,digits", "callbacks.evaluation.num_images=10",

@@ -11,9 +11,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from diffusion.cli.train import train
 from diffusion.engine.callbacks import Callback
 from diffusion.engine.checkpoint import load_checkpoint
-from diffusion.cli.train import train
 from diffusion.engine.trainer import Trainer
 from tests.conftest import REPO, cli, compose_config, smoke_overrides
 
@@ -58,6 +58,7 @@ EVERY_AVERAGE = {"trainer.ema_decay": "[0.9,0.99]", "trainer.ema_sigma_rel": "[0
                  "callbacks.ema_snapshots.every": 2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("averages", [{}, EVERY_AVERAGE], ids=["default", "every_average"])
 def test_resuming_after_sigterm_equals_an_uninterrupted_run(tmp_path, monkeypatch, averages):
     overrides = smoke_overrides(**{"trainer.max_steps": 10, "callbacks.checkpoint.every": 100,
@@ -104,6 +105,7 @@ class SigkillAtStep(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_auto_continues_from_the_last_checkpoint(tmp_path):
     args = ["debug=smoke", "logger=none", "trainer.max_steps=20", "callbacks.checkpoint.every=5",
             "callbacks.sample_grid.every=0", "callbacks.metrics.every=1", f"paths.runs_dir={tmp_path / 'runs'}"]
@@ -122,6 +124,7 @@ def test_sigkill_then_resume_auto_continues_from_the_last_checkpoint(tmp_path):
     assert steps == list(range(1, 21))  # steps 11 and 12 logged once: the resumed run replaced the killed run's
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_config_and_the_logged_loss(tmp_path):
     cfg = compose_config("train", smoke_overrides(logger="wandb"), tmp_path)
     train(cfg)
@@ -198,6 +201,7 @@ def test_the_csv_logger_merges_the_metrics_of_a_step_and_rewrites_a_resumed_tail
     assert rows == [("2", "1.0", ""), ("4", "0.75", "3.0")]
 
 
+@pytest.mark.slow
 def test_a_two_by_two_sweep_makes_four_runs(tmp_path):
     cli("train", "-m", "schedule=linear,cosine", "optimizer.lr=1e-4,3e-4", "debug=smoke", "logger=none",
         f"paths.runs_dir={tmp_path}", cwd=tmp_path)
@@ -223,6 +227,7 @@ def test_a_two_by_two_sweep_makes_four_runs(tmp_path):
     assert "| 3 | schedule=cosine optimizer.lr=0.0003 | 4 |" in (jobs[0].parent / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_in_training_evaluation_logs_metrics_and_keeps_the_best_checkpoint(tmp_path):
     overrides = smoke_overrides(**{"trainer.max_steps": 6, "callbacks.evaluation.every": 2,
                                    "callbacks.evaluation.num_images": 20, "callbacks.evaluation.sampler.steps": 4,
@@ -250,6 +255,7 @@ def test_in_training_evaluation_logs_metrics_and_keeps_the_best_checkpoint(tmp_p
         (r["step"], pytest.approx(r["loss"]), pytest.approx(r["eval/fd"])) for r in records]
 
 
+@pytest.mark.slow
 def test_an_evaluation_metric_the_run_cannot_measure_is_refused_when_it_starts(tmp_path):
     overrides = smoke_overrides(**{"callbacks.evaluation.every": 2, "callbacks.evaluation.metric": "conditional_accuracy",
                                    "paths.cache_dir": tmp_path / "cache"})
@@ -260,6 +266,7 @@ def test_an_evaluation_metric_the_run_cannot_measure_is_refused_when_it_starts(t
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the first step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lr_scheduler", ["warmup_cosine", "cosine"])
 def test_resuming_with_more_steps_stretches_the_learning_rate_schedule(tmp_path, lr_scheduler):
     overrides = smoke_overrides(**{"lr_scheduler": lr_scheduler, "callbacks.metrics.every": 1,

@@ -4,10 +4,10 @@ import json
 
 import torch
 
-from diffusion.engine.checkpoint import load_checkpoint
+from diffusion.cli.train import train
 from diffusion.config import instantiate_from_checkpoint_config
 from diffusion.data import DigitsDataset
-from diffusion.cli.train import train
+from diffusion.engine.checkpoint import load_checkpoint
 from tests.conftest import compose_config, smoke_overrides
 
 OVERRIDES = {"callbacks": "[default,validation]", "callbacks.validation.every": 2, "callbacks.validation.num_images": 20,

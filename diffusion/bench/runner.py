@@ -14,7 +14,14 @@ from diffusion.bench.report import top_ops
 from diffusion.bench.scaling import multi_process_training
 from diffusion.bench.whole_sample import whole_sample
 from diffusion.bench.workloads import (
-    BareWorkload, EngineWorkload, LoaderWorkload, ModelSetup, Parts, SamplingWorkload, build_model, synthetic_batch,
+    BareWorkload,
+    EngineWorkload,
+    LoaderWorkload,
+    ModelSetup,
+    Parts,
+    SamplingWorkload,
+    build_model,
+    synthetic_batch,
     variant_model,
 )
 from diffusion.data import DigitsDataset, ImageFolderDataset
@@ -47,14 +54,14 @@ def bench_model(setup: ModelSetup, precision: str, parts: Parts, opts: BenchOpti
             engines[variant] = new_engine(setup, parts, precision, variant, opts, Path(tmp))
         samplers = {
             variant: SamplingWorkload(
-                engine.trainer.ema.model,
+                engine.trainer.averages.primary.model,
                 synthetic_batch(setup.sample_batch_size, setup.channels, setup.image_size, opts.seed + 1,
                                 variant == "channels_last")[0],
                 parts.schedule.num_timesteps, precision, device,
             )
             for variant, engine in engines.items()
         }
-        weights = engines["eager"].trainer.ema.model.state_dict()
+        weights = engines["eager"].trainer.averages.primary.model.state_dict()
         bare_network = build_model(setup, channels_last=False, bare=True)
         bare_network.load_state_dict(weights)
         bare_sampler = SamplingWorkload(bare_network.to(device), samplers["eager"].x, parts.schedule.num_timesteps,
@@ -158,7 +165,7 @@ def profile_training(setup: ModelSetup, parts: Parts, opts: BenchOptions) -> dic
     with tempfile.TemporaryDirectory(prefix="diffusion-bench-") as tmp:
         engine = new_engine(setup, parts, "fp32", "eager", opts, Path(tmp))
         images = synthetic_batch(setup.sample_batch_size, setup.channels, setup.image_size, opts.seed + 1)[0]
-        sampler = SamplingWorkload(engine.trainer.ema.model, images, parts.schedule.num_timesteps, "fp32", opts.device)
+        sampler = SamplingWorkload(engine.trainer.averages.primary.model, images, parts.schedule.num_timesteps, "fp32", opts.device)
         sampler(1)
         with torch.profiler.profile(activities=activities) as train_profile:
             engine(opts.profile_steps)

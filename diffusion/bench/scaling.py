@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 import torch.multiprocessing
 
-from diffusion.engine import distributed
 from diffusion.bench.measure import median, timed
 from diffusion.bench.options import BenchOptions
 from diffusion.bench.workloads import ModelSetup, Parts
+from diffusion.engine import distributed
 
 
 def free_port() -> int:

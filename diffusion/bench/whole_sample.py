@@ -7,8 +7,9 @@ import torch
 from diffusion.bench.measure import timed
 from diffusion.bench.workloads import ModelSetup, Parts, build_model, seed_loop_sample
 from diffusion.config import sampler_from_config
-from diffusion.process.samplers import image_generators, randn_per_image
 from diffusion.process.generate import generate
+from diffusion.process.samplers import image_generators, randn_per_image
+
 
 def whole_sample(setup: ModelSetup, parts: Parts, weights: dict[str, torch.Tensor], sampler: str, steps: int,
                  device: torch.device, seed: int) -> dict:

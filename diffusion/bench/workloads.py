@@ -16,11 +16,13 @@ from torch.utils.data import Dataset
 
 from diffusion.config import CONFIG_DIR
 from diffusion.data import TensorImageDataset, build_loader
+from diffusion.engine.signals import StopRequest
+from diffusion.engine.tasks import DiffusionTask
+from diffusion.engine.trainer import PRECISIONS, Trainer
+from diffusion.errors import ConfigError
 from diffusion.process.objectives import Objective
 from diffusion.process.samplers import randn_per_image
 from diffusion.process.schedules import NoiseSchedule
-from diffusion.engine.signals import StopRequest
-from diffusion.engine.trainer import PRECISIONS, Trainer
 
 MODEL_DIR = Path(CONFIG_DIR) / "model"
 VARIANTS = ("eager", "channels_last", "compile")
@@ -65,7 +67,8 @@ def build_model(setup: ModelSetup, *, channels_last: bool | None, bare: bool = F
     """
     path = MODEL_DIR / f"{setup.name}.yaml"
     if not path.is_file():
-        raise ValueError(f"models lists {setup.name!r}, which has no conf/model/{setup.name}.yaml; choose from {known_models()}")
+        raise ConfigError(f"models lists {setup.name!r}, which has no conf/model/{setup.name}.yaml; choose from "
+                          f"{known_models()}")
     root = OmegaConf.merge(
         {"dataset": {"image_size": setup.image_size, "channels": setup.channels}, "model": OmegaConf.load(path)},
         {"model": setup.model},
@@ -108,11 +111,10 @@ class EngineWorkload:
     ) -> None:
         self.trainer = trainer
         trainer.max_steps = 1
-        trainer.fit(
-            model=model, schedule=parts.schedule, objective=parts.objective,
-            dataset=TensorImageDataset(*batch), optimizer=parts.optimizer, lr_scheduler=parts.lr_scheduler, run_dir=run_dir,
-        )
-        self.batches = itertools.repeat(tuple(t[trainer.rows].to(trainer.device) for t in batch))  # this rank's share
+        task = DiffusionTask(model, parts.schedule, parts.objective, parts.optimizer, parts.lr_scheduler)
+        trainer.fit(task, TensorImageDataset(*batch), run_dir)
+        rows = trainer.random.rows  # this rank's share
+        self.batches = itertools.repeat(tuple(t[rows].to(trainer.device) for t in batch))
 
     def __call__(self, steps: int) -> None:
         self.trainer.max_steps = self.trainer.step + steps

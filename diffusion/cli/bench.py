@@ -20,9 +20,9 @@ from diffusion.bench.report import ops_table, table, write_json
 from diffusion.bench.runner import bench_model, loader_rates, profile_training
 from diffusion.bench.workloads import Parts
 from diffusion.config import CONFIG_DIR
-from diffusion.errors import reported_errors
 from diffusion.engine.run_dir import shown
 from diffusion.engine.trainer import PRECISIONS
+from diffusion.errors import reported_errors
 
 log = logging.getLogger(__name__)
 

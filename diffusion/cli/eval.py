@@ -15,6 +15,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.config import CONFIG_DIR, check_value_types, register_resolvers
+from diffusion.engine.contracts import LabelledDataset, SplitDataset
+from diffusion.engine.devices import resolve_device
+from diffusion.engine.run_dir import shown
 from diffusion.errors import ConfigError, reported_errors
 from diffusion.evaluation.evaluator import (
     BROKEN_GRID_SIZE,
@@ -25,12 +28,10 @@ from diffusion.evaluation.evaluator import (
     requested_classes,
 )
 from diffusion.evaluation.features import extract, in_batches
-from diffusion.reports.images import save_grid, save_images
-from diffusion.process.labels import cycled_labels
-from diffusion.weights.trained_model import load_trained
-from diffusion.engine.run_dir import shown
 from diffusion.process.generate import generate, sampling_progress
-from diffusion.engine.devices import resolve_device
+from diffusion.process.labels import cycled_labels
+from diffusion.reports.images import save_grid, save_images
+from diffusion.weights.trained_model import load_trained
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,10 @@ register_resolvers()
 
 
 def dataset_labels(dataset) -> torch.Tensor:
-    """Every label of a data set, without decoding its images where it keeps them (``labels`` or ``samples``)."""
-    if hasattr(dataset, "labels"):
-        return torch.as_tensor(dataset.labels)
-    return torch.tensor([label for _, label in dataset.samples])
+    """Every label of a data set, without decoding its images when it can tell them alone (``LabelledDataset``)."""
+    if isinstance(dataset, LabelledDataset):
+        return dataset.class_labels()
+    return torch.tensor([label for _, label in dataset])
 
 
 def reference_dataset(cfg: DictConfig, split: str | None):
@@ -202,7 +203,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "source": source,
         "num_images": len(images),
         "features": extractor.name,
-        "reference": {"dataset": cfg.dataset._target_, "split": getattr(reference_data, "split", None),
+        "reference": {"dataset": cfg.dataset._target_, "split": reference_data.split if isinstance(reference_data, SplitDataset) else None,
                       "image_size": reference_data.image_size, "channels": reference_data.channels,
                       "num_images": len(reference_data), "cache": str(reference["path"]),
                       "cached": reference["cached"]},

@@ -10,17 +10,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from diffusion.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from diffusion.config import CONFIG_DIR, register_resolvers
-from diffusion.errors import ConfigError, reported_errors
+from diffusion.engine.checkpoint import load_checkpoint, save_checkpoint, weights_checkpoint
 from diffusion.engine.run_dir import shown
+from diffusion.errors import ConfigError, reported_errors
 from diffusion.weights.choose import reconstruct
 
 log = logging.getLogger(__name__)
 register_resolvers()
-
-# what a checkpoint keeps to be sampled and described; the rest (optimizer, random states...) only resumes a run
-KEPT = ("step", "epoch", "model", "config", "class_names", "code_version", "converted_from")
 
 
 def posthoc(cfg: DictConfig) -> Path:
@@ -30,8 +27,7 @@ def posthoc(cfg: DictConfig) -> Path:
     chosen = reconstruct(cfg.checkpoint, state, sigma_rel)
     entry = {"kind": "posthoc_ema", "state_dict": chosen.state_dict, "num_updates": chosen.info["step"],
              **{key: chosen.info[key] for key in ("sigma_rel", "gamma", "snapshots", "profile_error")}}
-    written = {"format_version": FORMAT_VERSION, **{key: state[key] for key in KEPT if key in state},
-               "ema": entry, "averages": {chosen.name: entry}, "posthoc_of": str(cfg.checkpoint)}
+    written = weights_checkpoint(state, chosen.name, entry, posthoc_of=str(cfg.checkpoint))
     path = save_checkpoint(written, Path(cfg.paths.output_dir) / f"{chosen.name}.pt")
     log.info("wrote %s (its ema is %s; weights only, no optimizer: fine-tune from it with init_from=): sample it "
              "with diffusion-sample checkpoint=%s", shown(path), chosen.name, shown(path))

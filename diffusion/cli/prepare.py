@@ -1,4 +1,4 @@
-"""``diffusion-prepare``: make an image folder a training set (see ``diffusion.data.prepare``)."""
+"""``diffusion-prepare``: make an image folder a training set (see ``diffusion.data.prepare_folder``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from diffusion.conf import CONFIG_DIR  # not diffusion.config, whose import brings in torch, which this command lacks
-from diffusion.data.prepare import prepare
+from diffusion.data.prepare_folder import prepare
 from diffusion.errors import reported_errors
 
 

@@ -13,14 +13,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.config import CONFIG_DIR, check_value_types
-from diffusion.errors import ConfigError, reported_errors
-from diffusion.reports.images import save_grid, save_images
-from diffusion.process.labels import resolve_class_labels
-from diffusion.weights.trained_model import load_trained
-from diffusion.engine.run_dir import shown
-from diffusion.process.generate import generate, sampling_progress
 from diffusion.engine.devices import resolve_device
+from diffusion.engine.run_dir import shown
+from diffusion.errors import ConfigError, reported_errors
+from diffusion.process.generate import generate, sampling_progress
+from diffusion.process.labels import resolve_class_labels
+from diffusion.reports.images import save_grid, save_images
 from diffusion.reports.trajectory import TrajectoryRecorder
+from diffusion.weights.trained_model import load_trained
 
 log = logging.getLogger(__name__)
 

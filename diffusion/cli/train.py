@@ -10,12 +10,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion.config import CONFIG_DIR, check_value_types, register_resolvers, resolve_num_classes
 from diffusion.engine import distributed
 from diffusion.engine.callbacks import Callback
-from diffusion.data import LowResolutionPairs
-from diffusion.config import CONFIG_DIR, check_value_types, register_resolvers, resolve_num_classes
-from diffusion.errors import reported_errors
-from diffusion.engine.run_dir import checkpoint_to_resume, shown
+from diffusion.engine.contracts import ImageDataset, check_contract
+from diffusion.engine.loggers import NullLogger
+from diffusion.engine.run_dir import RunOutput, checkpoint_to_resume, shown
+from diffusion.errors import ConfigError, reported_errors
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -28,11 +29,11 @@ def build_callbacks(cfg: DictConfig) -> dict[str, Callback]:
         if node is None:
             continue
         if "_target_" not in node:
-            raise ValueError(f"callbacks.{name} has no _target_: give it one (see conf/callbacks/) or remove it "
+            raise ConfigError(f"callbacks.{name} has no _target_: give it one (see conf/callbacks/) or remove it "
                              f"with ~callbacks.{name}")
         callbacks[name] = instantiate(node)
         if not isinstance(callbacks[name], Callback):
-            raise TypeError(f"callbacks.{name} ({node._target_}) is not a diffusion.engine.callbacks.Callback")
+            raise ConfigError(f"callbacks.{name} ({node._target_}) is not a diffusion.engine.callbacks.Callback")
     return callbacks
 
 
@@ -48,38 +49,24 @@ def train(cfg: DictConfig) -> dict:
     torch.manual_seed(cfg.seed)
     check_value_types(cfg.dataset, "dataset")
     dataset = instantiate(cfg.dataset)
+    check_contract(dataset, ImageDataset, "dataset")
     resolve_num_classes(cfg, dataset)
-    for group in ("trainer", "model", "schedule", "objective", "optimizer", "lr_scheduler", "callbacks", "logger"):
+    for group in ("task", "trainer", "model", "schedule", "objective", "optimizer", "lr_scheduler", "callbacks",
+                  "logger"):
         check_value_types(cfg.get(group), group)
-    model = instantiate(cfg.model)
-    if getattr(model, "low_resolution", None):  # a super-resolution stage trains on each image at two sizes
-        dataset = LowResolutionPairs(dataset, model.low_resolution)
-    schedule = instantiate(cfg.schedule)
-    objective = instantiate(cfg.objective)
-    optimizer = instantiate(cfg.optimizer)
-    lr_scheduler = instantiate(cfg.lr_scheduler)
+    task = instantiate(cfg.task)(model=instantiate(cfg.model), schedule=instantiate(cfg.schedule),
+                                 objective=instantiate(cfg.objective), optimizer=instantiate(cfg.optimizer),
+                                 lr_scheduler=instantiate(cfg.lr_scheduler))
     trainer = instantiate(cfg.trainer)
     callbacks = build_callbacks(cfg)
     resume_from = checkpoint_to_resume(cfg.resume, cfg.paths.output_dir)
     logger = instantiate(cfg.logger) if world.is_main else None
+    output = RunOutput(cfg.paths.output_dir, logger or NullLogger(), OmegaConf.to_yaml(cfg, resolve=True))
     exit_code = 1
     try:
         if logger is not None:
             logger.log_config(OmegaConf.to_container(cfg, resolve=True))
-        result = trainer.fit(
-            model=model,
-            schedule=schedule,
-            objective=objective,
-            dataset=dataset,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            run_dir=cfg.paths.output_dir,
-            callbacks=callbacks,
-            logger=logger,
-            resume_from=resume_from,
-            config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-            init_from=cfg.get("init_from"),
-        )
+        result = trainer.fit(task, dataset, output, callbacks, resume_from=resume_from, init_from=cfg.get("init_from"))
         exit_code = 0
     finally:
         if logger is not None:
@@ -103,7 +90,7 @@ def quiet_other_ranks(world: distributed.World) -> None:
 def optimized_value(result: dict, name: str) -> float:
     """The value a sweeper optimises: ``result[name]``, with an error naming what the run did report."""
     if name not in result:
-        raise KeyError(f"optimized_metric={name!r} is not in this run's result; it has {sorted(result)} "
+        raise ConfigError(f"optimized_metric={name!r} is not in this run's result; it has {sorted(result)} "
                        "(eval/best_<metric> needs an evaluation: callbacks.evaluation.every, every_seconds or at_end)")
     return float(result[name])
 
@@ -126,10 +113,12 @@ def main() -> None:
     directory and every process writes into the same one.
     """
     distributed.init_process_group()
+    finished = False
     try:
         run()
+        finished = True
     finally:
-        distributed.close_process_group()
+        distributed.close_process_group(wait_for_others=finished)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,26 @@
-"""Data sets of images in [-1, 1] with class labels, and a resumable loader."""
+"""Data sets of images in [-1, 1] with class labels, super-resolution pairs, a resumable loader, and the dataset tool.
 
-from diffusion.data.digits import DigitsDataset
-from diffusion.data.image_folder import ImageFolderDataset
-from diffusion.data.pairs import LowResolutionPairs
-from diffusion.data.loader import EpochBatchSampler, build_loader, random_hflip
-from diffusion.data.tensor import TensorImageDataset
+The names below are imported when first used, so that ``diffusion.data.prepare_folder`` (and its worker processes)
+does not import torch.
+"""
 
-__all__ = ["DigitsDataset", "ImageFolderDataset", "LowResolutionPairs", "TensorImageDataset", "EpochBatchSampler", "build_loader", "random_hflip"]
+import importlib
+
+_EXPORTS = {
+    "DigitsDataset": "diffusion.data.digits",
+    "ImageFolderDataset": "diffusion.data.image_folder",
+    "LowResolutionPairs": "diffusion.data.pairs",
+    "TensorImageDataset": "diffusion.data.tensor",
+    "EpochBatchSampler": "diffusion.data.loader",
+    "build_loader": "diffusion.data.loader",
+    "random_hflip": "diffusion.data.loader",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """``diffusion.data.<name>`` from its module, imported on first use (PEP 562)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'diffusion.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -96,6 +96,10 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def class_labels(self) -> torch.Tensor:
+        """The class index of every image, in order, from the folders alone."""
+        return torch.tensor([label for _, label in self.samples])
+
     def fingerprint(self) -> str:
         """A short hex digest of the size and channels served and of every file's path under root, size and mtime."""
         made = f" from {self.downsample_from}px" if self.downsample_from else ""

@@ -9,6 +9,9 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from diffusion.engine.contracts import BatchedDataset, FileBackedDataset
+from diffusion.errors import ConfigError, DataError
+
 
 class EpochBatchSampler(Sampler[list[int]]):
     """Shuffled full batches: epoch e is a permutation drawn from ``seed + e``, started at ``start_batch``.
@@ -20,12 +23,12 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def __init__(self, num_items: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if num_items < batch_size:
-            raise ValueError(
+            raise DataError(
                 f"the data set has {num_items} images, fewer than one batch of {batch_size}: "
                 "lower trainer.batch_size or add images"
             )
         if batch_size % world_size:
-            raise ValueError(f"trainer.batch_size={batch_size} does not split evenly over {world_size} processes: "
+            raise ConfigError(f"trainer.batch_size={batch_size} does not split evenly over {world_size} processes: "
                              f"use a multiple of {world_size}")
         self.num_items = num_items
         self.batch_size = batch_size
@@ -65,7 +68,7 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
     """A DataLoader over ``EpochBatchSampler`` (this process's share of each batch); its workers' seeds come
     from a fixed generator, not the global RNG."""
     sampler = EpochBatchSampler(len(dataset), batch_size, seed, rank, world_size)
-    if num_workers > 0 and hasattr(dataset, "track_workers"):
+    if num_workers > 0 and isinstance(dataset, FileBackedDataset):
         dataset.track_workers(num_workers)
     return DataLoader(
         dataset,
@@ -75,7 +78,7 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
         persistent_workers=num_workers > 0,
         worker_init_fn=_ignore_sigint if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
-        collate_fn=_already_batched if hasattr(dataset, "__getitems__") else None,
+        collate_fn=_already_batched if isinstance(dataset, BatchedDataset) else None,
     )
 
 
@@ -98,7 +101,7 @@ def worker_death(error: RuntimeError, dataset: Dataset, num_workers: int) -> str
     if match is None:
         return None
     pids = {int(pid) for pid in re.findall(r"\d+", match.group(1))}
-    files = dataset.files_being_read(pids) if hasattr(dataset, "files_being_read") else []
+    files = dataset.files_being_read(pids) if isinstance(dataset, FileBackedDataset) else []
     reading = f"while reading {', '.join(str(f) for f in files)}" if files else "(the file it read is not known)"
     return (f"a data-loader worker died {reading}: {str(error).splitlines()[0].strip()} Likely causes: a file that crashes "
             f"the image decoder (diffusion-prepare sets such files aside), or too little memory for "

@@ -7,6 +7,8 @@ import torch
 from torch.utils.data import Dataset
 
 from diffusion.data.resize import area_downsample
+from diffusion.engine.contracts import BatchedDataset
+from diffusion.errors import ConfigError
 
 
 class LowResolutionPairs(Dataset):
@@ -14,15 +16,12 @@ class LowResolutionPairs(Dataset):
     ``low_resolution``.
 
     A base model for the stage trains on the same low-resolution images with ``dataset.downsample_from`` set to the
-    stage's image size. It serves the ``ImageDataset`` attributes of the high-resolution data set; ``input_names``
-    says which network input each extra item of a sample is.
+    stage's image size. It serves the ``ImageDataset`` attributes of the high-resolution data set.
     """
-
-    input_names = ("low_res",)
 
     def __init__(self, dataset, low_resolution: int) -> None:
         if dataset.image_size % low_resolution:
-            raise ValueError(f"model.low_resolution={low_resolution} must divide dataset.image_size="
+            raise ConfigError(f"model.low_resolution={low_resolution} must divide dataset.image_size="
                              f"{dataset.image_size}: the low-resolution images are box-filtered from the data")
         self.high, self.low_resolution = dataset, low_resolution
 
@@ -35,7 +34,7 @@ class LowResolutionPairs(Dataset):
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A whole batch: by indexing where the data set can (tensors in memory), else image by image."""
-        if hasattr(self.high, "__getitems__"):
+        if isinstance(self.high, BatchedDataset):
             images, labels = self.high.__getitems__(indices)
         else:
             items = [self.high[index] for index in indices]

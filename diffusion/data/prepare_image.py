@@ -1,7 +1,8 @@
 """One file of ``diffusion-prepare``: read it, judge it, turn it into a square RGB or grayscale PNG.
 
 Everything here runs in a worker process and depends only on the file and the settings, never on the other files
-of the folder: duplicates and name clashes are decided by ``diffusion.data.prepare``, which sees them all in order.
+of the folder: duplicates and name clashes are decided by ``diffusion.data.prepare_folder``, which sees them all in
+order.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# what can be wrong with a file on its own (diffusion.data.prepare adds duplicate and duplicate_name)
+# what can be wrong with a file on its own (diffusion.data.prepare_folder adds duplicate and duplicate_name)
 DEFECTS = ("corrupt", "truncated", "not_an_image", "too_small")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 RESAMPLE = Image.Resampling.LANCZOS
@@ -26,7 +27,7 @@ REDUCING_GAP = 3.0
 
 @dataclass(frozen=True)
 class ImageSettings:
-    """What a prepared image looks like (the command's options, checked by ``diffusion.data.prepare``)."""
+    """What a prepared image looks like (the command's options, checked by ``diffusion.data.prepare_folder``)."""
 
     image_size: int
     channels: int
@@ -82,7 +83,7 @@ def decode(data: bytes, image_size: int) -> tuple[Image.Image, tuple[int, int]]:
         image = Image.open(io.BytesIO(data))
         size = image.size
         image.draft(None, (3 * image_size, 3 * image_size))
-        image.load()  # with ImageFile.LOAD_TRUNCATED_IMAGES off (checked by diffusion.data.prepare), missing data raises
+        image.load()  # with ImageFile.LOAD_TRUNCATED_IMAGES off (checked by diffusion.data.prepare_folder), missing data raises
         upright = ImageOps.exif_transpose(image)
     return upright, size if upright.size == image.size else size[::-1]
 

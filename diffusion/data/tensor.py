@@ -34,6 +34,10 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def class_labels(self) -> torch.Tensor:
+        """The class index of every image, in order."""
+        return torch.as_tensor(self.labels)
+
     def fingerprint(self) -> str:
         """A short hex digest of the images and labels served: their shapes, dtypes and values."""
         digest = hashlib.sha256()

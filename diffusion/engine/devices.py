@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from diffusion.errors import ConfigError
+
 
 def resolve_device(device: str, local_rank: int = 0, setting: str = "device") -> torch.device:
     """``auto`` picks CUDA when present (the local rank's GPU), else the CPU; ``setting`` names the config key in
@@ -13,9 +15,9 @@ def resolve_device(device: str, local_rank: int = 0, setting: str = "device") ->
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"{setting}={device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"{setting}={device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{setting}={device}: PyTorch sees no CUDA GPU on this machine (torch {torch.__version__}): "
+        raise ConfigError(f"{setting}={device}: PyTorch sees no CUDA GPU on this machine (torch {torch.__version__}): "
                          f"use {setting}=cpu, or {setting}=auto to take a GPU only where there is one")
     if resolved.type == "cuda" and resolved.index is None:
         return torch.device("cuda", local_rank % torch.cuda.device_count())

@@ -88,10 +88,14 @@ def init_process_group(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> Worl
     return current_world()
 
 
-def close_process_group() -> None:
-    """Leave the process group, if this process joined one."""
+def close_process_group(wait_for_others: bool = False) -> None:
+    """Leave the process group, if this process joined one; with ``wait_for_others`` (a run that ended well on every
+    process), first wait until every process is done, so that none tears the group down under another's last
+    collective."""
     global _group, _group_timeout
     if dist.is_initialized():
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()
     _group, _group_timeout = None, None
 

@@ -8,9 +8,12 @@ import warnings
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from diffusion.errors import ConfigError
+
 
 class WarmupCosineLR(LRScheduler):
-    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` x the base rate at ``total_steps``."""
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` x the base rate at
+    ``total_steps``."""
 
     def __init__(
         self,
@@ -21,7 +24,8 @@ class WarmupCosineLR(LRScheduler):
         last_epoch: int = -1,
     ) -> None:
         if warmup_steps < 0 or total_steps < 1:
-            raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps} and {total_steps}")
+            raise ConfigError(f"lr_scheduler: need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps} and "
+                              f"{total_steps}")
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_lr_ratio = min_lr_ratio

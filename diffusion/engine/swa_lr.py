@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch.optim.swa_utils import SWALR
 
+from diffusion.errors import ConfigError
+
 
 class SWALearningRate:
     """Which learning-rate scheduler steps after each optimizer step: the run's own before ``start_step``, SWALR
@@ -13,7 +15,7 @@ class SWALearningRate:
 
     def __init__(self, start_step: int, swa_lr: float, anneal_steps: int = 0) -> None:
         if swa_lr <= 0 or anneal_steps < 0:
-            raise ValueError(f"trainer.swa_lr must be positive and trainer.swa_anneal_steps at least 0, got {swa_lr} "
+            raise ConfigError(f"trainer.swa_lr must be positive and trainer.swa_anneal_steps at least 0, got {swa_lr} "
                              f"and {anneal_steps}")
         self.start_step, self.swa_lr, self.anneal_steps = start_step, swa_lr, anneal_steps
         self.scheduler: SWALR | None = None

@@ -5,30 +5,24 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
 from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
+from diffusion.data.training_data import TrainingData
 from diffusion.engine import distributed
-from diffusion.engine.callbacks.base import Callback
-from diffusion.engine.checkpoint import (
-    FORMAT_VERSION, code_version, load_checkpoint, load_weights, restore_generator, rng_state, set_rng_state,
-)
-from diffusion.weights.averages import WeightAverages
-from diffusion.data import build_loader, random_hflip
-from diffusion.data.loader import worker_death
+from diffusion.engine.callbacks.base import Callback, RunView
+from diffusion.engine.checkpoint import load_checkpoint, restore_training, start_from_weights
 from diffusion.engine.devices import resolve_device
-from diffusion.errors import LoaderWorkerDied, TrainingDiverged
-from diffusion.engine.loggers import Logger, NullLogger
-from diffusion.process.objectives import Objective
-from diffusion.engine.optimizer import load_optimizer_moments, restore_lr_scheduler, restore_optimizer
-from diffusion.engine.contracts import DiffusionModel, ImageDataset
-from diffusion.engine.run_dir import shown
-from diffusion.process.schedules import NoiseSchedule, far_from_noise
+from diffusion.engine.run_dir import RunOutput, shown
 from diffusion.engine.signals import StopRequest
 from diffusion.engine.swa_lr import SWALearningRate
+from diffusion.engine.tasks import DiffusionTask, SharedRandomness
+from diffusion.errors import ConfigError, TrainingDiverged
+from diffusion.weights.averages import WeightAverages
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +30,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
-    """Runs optimizer steps with averages of the weights and keeps the state that resumes a run exactly; callbacks do the rest.
+    """Runs optimizer steps of a task with averages of the weights, and keeps the state that resumes a run exactly;
+    callbacks do the rest. What a step computes is the task's (``diffusion.engine.tasks``).
 
     Under ``torchrun`` or ``srun`` every process runs this loop on its share of each batch, with the model in
     DistributedDataParallel; every callback hook runs on every process, and only rank 0 writes.
@@ -62,42 +57,28 @@ class Trainer:
             The first average listed (EMAs, power EMAs, SWA) is ``ema``: grids and evaluation sample it.
         timeout_minutes: how long a process waits for the others (e.g. while rank 0 evaluates) before failing.
         compile: ``torch.compile`` the network for training (its first steps compile it; later ones run faster).
+        max_nonfinite_steps: stop the run after this many optimizer steps in a row with a non-finite loss or
+            gradient (each is skipped); the last good state is saved.
     """
 
     def __init__(
-        self,
-        max_steps: int = 10_000,
-        batch_size: int = 128,
-        accumulation_steps: int = 1,
-        precision: str = "fp32",
-        grad_clip: float | None = 1.0,
-        num_workers: int = 0,
-        seed: int = 0,
-        device: str = "auto",
-        ema_decay: float | list[float] = 0.999,
-        ema_warmup: bool = True,
-        ema_update_every: int = 1,
-        ema_start_step: int = 0,
-        ema_sigma_rel: float | list[float] | None = None,
-        swa: bool = False,
-        swa_start_step: int | None = None,
-        swa_every: int = 1,
-        swa_decay: float | None = None,
-        swa_lr: float | None = None,
-        swa_anneal_steps: int = 0,
-        timeout_minutes: float = 30.0,
-        compile: bool = False,
-        max_nonfinite_steps: int = 20,
-        max_train_seconds: float | None = None,
+        self, max_steps: int = 10_000, batch_size: int = 128, accumulation_steps: int = 1, precision: str = "fp32",
+        grad_clip: float | None = 1.0, num_workers: int = 0, seed: int = 0, device: str = "auto",
+        ema_decay: float | list[float] = 0.999, ema_warmup: bool = True, ema_update_every: int = 1,
+        ema_start_step: int = 0, ema_sigma_rel: float | list[float] | None = None, swa: bool = False,
+        swa_start_step: int | None = None, swa_every: int = 1, swa_decay: float | None = None,
+        swa_lr: float | None = None, swa_anneal_steps: int = 0, timeout_minutes: float = 30.0, compile: bool = False,
+        max_nonfinite_steps: int = 20, max_train_seconds: float | None = None,
     ) -> None:
         if precision not in PRECISIONS:
-            raise ValueError(f"trainer.precision={precision!r} is not known; choose one of {list(PRECISIONS)}")
+            raise ConfigError(f"trainer.precision={precision!r} is not known; choose one of {list(PRECISIONS)}")
         if max_steps < 1 or batch_size < 1 or accumulation_steps < 1:
-            raise ValueError("trainer.max_steps, trainer.batch_size and trainer.accumulation_steps must be positive")
+            raise ConfigError("trainer.max_steps, trainer.batch_size and trainer.accumulation_steps must be positive")
         if max_train_seconds is not None and max_train_seconds <= 0:
-            raise ValueError(f"trainer.max_train_seconds must be positive (or null: no limit), got {max_train_seconds}")
+            raise ConfigError(f"trainer.max_train_seconds must be positive (or null: no limit), got "
+                              f"{max_train_seconds}")
         if max_nonfinite_steps < 1:
-            raise ValueError(f"trainer.max_nonfinite_steps must be at least 1, got {max_nonfinite_steps}")
+            raise ConfigError(f"trainer.max_nonfinite_steps must be at least 1, got {max_nonfinite_steps}")
         self.max_steps, self.batch_size, self.accumulation_steps = max_steps, batch_size, accumulation_steps
         self.precision, self.grad_clip, self.num_workers, self.seed = precision, grad_clip, num_workers, seed
         self.compile, self.max_nonfinite_steps, self.max_train_seconds = compile, max_nonfinite_steps, max_train_seconds
@@ -109,64 +90,46 @@ class Trainer:
         self.swa_lr = SWALearningRate(swa_start_step, swa_lr, swa_anneal_steps) if swa and swa_lr is not None else None
         self.world = distributed.init_process_group(timeout_minutes)
         self.device = resolve_device(device, self.world.local_rank, setting="trainer.device")
-        self.step = self.epoch = self.batch_in_epoch = 0
+        self.step = 0
         # time spent in optimizer steps (data, forward, backward, update), callbacks excluded: the slowest process's
         self.train_seconds = 0.0
         self.last_step = False  # whether the step that just ended is the run's last (max_steps or max_train_seconds)
         self.metrics: dict[str, float] = {}  # the latest value of everything logged
+        self.pending: dict[str, float] = {}  # what the callbacks logged during this step
         self.stopped_by_signal: int | None = None
         self.lr = 0.0  # the learning rate of the latest optimizer step
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in all
         self.nonfinite_in_a_row = 0
         self.diverged: str | None = None  # why the run stopped after too many of them in a row
 
-    @property
-    def is_main(self) -> bool:
-        """Whether this process writes (rank 0)."""
-        return self.world.is_main
-
     # --- the run --------------------------------------------------------------------------------
 
-    def fit(
-        self,
-        model: DiffusionModel,
-        schedule: NoiseSchedule,
-        objective: Objective,
-        dataset: ImageDataset,
-        optimizer,
-        lr_scheduler,
-        run_dir: str | Path,
-        callbacks: Mapping[str, Callback] | None = None,
-        logger: Logger | None = None,
-        resume_from: str | Path | None = None,
-        config_yaml: str = "",
-        init_from: str | Path | None = None,
-    ) -> dict:
-        """Train until ``max_steps``, ``max_train_seconds`` or a stop signal; return the latest metrics, the step and
-        the stop reason.
+    def fit(self, task: DiffusionTask, dataset: Dataset, output: RunOutput | str | Path,
+            callbacks: Mapping[str, Callback] | None = None, resume_from: str | Path | None = None,
+            init_from: str | Path | None = None) -> dict:
+        """Train ``task`` on ``dataset`` until ``max_steps``, ``max_train_seconds`` or a stop signal, writing into
+        ``output``; return the latest metrics, the callbacks' summaries, the step and the stop reason.
 
         ``resume_from`` continues a run exactly; otherwise ``init_from`` starts this one from another's weights.
         """
-        self.setup(model, schedule, objective, dataset, optimizer, lr_scheduler, run_dir, callbacks, logger, config_yaml)
-        loader = build_loader(dataset, self.batch_size, self.num_workers, self.seed, self.device.type == "cuda",
-                              self.world.rank, self.world.size)
+        self.setup(task, dataset, output if isinstance(output, RunOutput) else RunOutput(output), callbacks)
         if resume_from is not None:
-            self.restore(load_checkpoint(resume_from, map_location=self.device))
-            log.info("resumed from %s at step %d (epoch %d)", shown(resume_from), self.step, self.epoch)
+            restore_training(self, load_checkpoint(resume_from, map_location=self.device))
+            log.info("resumed from %s at step %d (epoch %d)", shown(resume_from), self.step, self.data.epoch)
         elif init_from is not None:
-            self.initialize_from(load_checkpoint(init_from, map_location=self.device))
+            start_from_weights(self, load_checkpoint(init_from, map_location=self.device))
             log.info("starting from the weights of %s", shown(init_from))
         budget = "" if self.max_train_seconds is None else f" or {self.max_train_seconds:g} s of training"
         log.info("training %s (%.2fM parameters) on %s for %d steps%s of %d images (%d process%s x %d x %d "
-                 "accumulation), %s", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6,
-                 self.device, self.max_steps, budget, self.batch_size * self.accumulation_steps, self.world.size,
-                 "es" if self.world.size > 1 else "", self.batch_size // self.world.size, self.accumulation_steps,
-                 self.precision)
+                 "accumulation), %s", type(self.model).__name__,
+                 sum(p.numel() for p in self.model.parameters()) / 1e6, self.device, self.max_steps, budget,
+                 self.batch_size * self.accumulation_steps, self.world.size, "es" if self.world.size > 1 else "",
+                 self.batch_size // self.world.size, self.accumulation_steps, self.precision)
         with StopRequest() as stop:
             try:
                 self.call("on_fit_start")
-                self.train_loop(self.batches(loader), stop)
-                if self.step < self.max_steps and self.out_of_time() and not self.diverged and self.is_main:
+                self.train_loop(self.data.batches(), stop)
+                if self.step < self.max_steps and self.out_of_time() and not self.diverged and self.world.is_main:
                     log.info("stopped at step %d: its training time, %.2f s, reached the time budget "
                              "(trainer.max_train_seconds=%g)", self.step, self.train_seconds, self.max_train_seconds)
                 if self.stopped_by_signal is not None or self.diverged:
@@ -179,33 +142,29 @@ class Trainer:
         summary = {key: value for callback in self.callbacks.values() for key, value in callback.summary().items()}
         return {**self.metrics, **summary, "step": self.step, "stopped_by_signal": self.stopped_by_signal}
 
-    def setup(self, model, schedule, objective, dataset, optimizer, lr_scheduler, run_dir, callbacks=None,
-              logger=None, config_yaml: str = "") -> None:
-        """Move the parts to the device and build the optimizer, LR schedule, scaler, averages and random generator."""
-        model.check_image_size(dataset.image_size, dataset.image_size)
-        objective.check_schedule(schedule)
-        if (warning := far_from_noise(schedule)) and self.is_main:
-            log.warning(warning)
-        self.run_dir, self.config_yaml = Path(run_dir), config_yaml
-        self.model, self.schedule = model.to(self.device), schedule.to(self.device)
-        self.objective, self.dataset = objective, dataset
+    def setup(self, task: DiffusionTask, dataset: Dataset, output: RunOutput,
+              callbacks: Mapping[str, Callback] | None = None) -> None:
+        """Move the task to the device; build the data, the optimizer, its schedule, the scaler, the averages and
+        the random generator."""
+        self.task, self.dataset, self.output = task.to(self.device), dataset, output
+        self.data = TrainingData(task.training_data(dataset), self.batch_size, self.num_workers, self.seed,
+                                 self.device.type == "cuda", self.world.rank, self.world.size)
+        self.model = task.model
         self.callbacks = dict(sorted((callbacks or {}).items(), key=lambda item: item[1].order))  # stable: config order
-        self.logger = logger or NullLogger()
+        self.view = RunView(self)
         self.network = distributed.wrap(self.model, self.device)  # what the forward pass runs: DDP or the model
-        self.optimizer = optimizer(params=model.parameters())
-        self.lr_scheduler = lr_scheduler(optimizer=self.optimizer)
+        self.optimizer, self.lr_scheduler = task.configure_optimizers()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.averages = WeightAverages(model, **self.average_options)
-        self.ema = self.averages.primary  # what grids, evaluation and weights=ema use
+        self.averages = WeightAverages(self.model, **self.average_options)
         if self.compile:
-            model.compile()  # in place, after the averages' copies: DDP and the optimizer keep the same parameters
+            self.model.compile()  # in place, after the averages' copies: DDP and the optimizer keep the parameters
         # one generator, in step on every process: each draws for the whole batch and keeps its rows
         self.generator = torch.Generator(self.device).manual_seed(self.seed)
         share = self.batch_size // self.world.size
-        self.rows = slice(self.world.rank * share, (self.world.rank + 1) * share)
+        self.random = SharedRandomness(self.generator, self.batch_size,
+                                       slice(self.world.rank * share, (self.world.rank + 1) * share))
         if self.world.rank > 0:  # dropout differs between processes; the initial weights come from rank 0
             torch.manual_seed(self.seed + 1_000_003 * self.world.rank)
-        self.pending: dict[str, float] = {}
 
     def train_loop(self, batches: Iterator, stop: StopRequest) -> None:
         """Optimizer steps until done or asked to stop (DDPM Algorithm 1 with the engineering around it)."""
@@ -229,29 +188,6 @@ class Trainer:
             if self.diverged:
                 return
 
-    def out_of_time(self) -> bool:
-        """Whether the training time has reached ``max_train_seconds`` (the same answer on every process)."""
-        return self.max_train_seconds is not None and self.train_seconds >= self.max_train_seconds
-
-    def count_nonfinite(self, finite: bool) -> None:
-        """Count a skipped step; after ``max_nonfinite_steps`` in a row, say why the run must stop."""
-        if finite:
-            self.nonfinite_in_a_row = 0
-            return
-        self.skipped_steps += 1
-        self.nonfinite_in_a_row += 1
-        self.log_metrics({"train/skipped_steps": self.skipped_steps})
-        log.warning("step %d: the loss (%.4g) or the gradient norm (%.4g) is not finite: the update was skipped "
-                    "(%d in a row, %d in all)", self.step, self.loss.item(), self.grad_norm.item(),
-                    self.nonfinite_in_a_row, self.skipped_steps)
-        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
-            self.diverged = (
-                f"the loss or the gradients were not finite for {self.nonfinite_in_a_row} steps in a row (up to step "
-                f"{self.step}); the weights of the last good step are saved in checkpoints/last.pt. Likely causes: a "
-                "learning rate too high (optimizer.lr), no gradient clipping (trainer.grad_clip), fp16 overflow "
-                "(trainer.precision=bf16 or fp32), or NaN/Inf in the data. Raise trainer.max_nonfinite_steps to "
-                "allow more")
-
     def train_step(self, batches: Iterator) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One optimizer step over ``accumulation_steps`` micro-batches; returns (mean loss, gradient norm, whether
         the gradient was finite). A non-finite gradient skips the update in every precision (fp16's scaler also
@@ -260,23 +196,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for micro in range(self.accumulation_steps):
-            images, labels, *extra = next(batches)  # extra: the further network inputs of pairs (low_res)
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True) if self.model.num_classes else None
-            extra = [x.to(self.device, non_blocking=True) for x in extra]
-            if self.dataset.random_flip and extra:  # a pair's halves are mirrored together
-                images, *extra = random_hflip(images, self.generator, self.rows, self.batch_size, also=tuple(extra))
-            elif self.dataset.random_flip:
-                images = random_hflip(images, self.generator, self.rows, self.batch_size)
-            inputs = dict(zip(getattr(self.dataset, "input_names", ()), extra))
-            shape = (self.batch_size, *images.shape[1:])
-            draws = self.objective.draw(self.schedule, shape, self.device, self.generator, labels is not None)
+            batch = [tensor.to(self.device, non_blocking=True) for tensor in next(batches)]
             last = micro == self.accumulation_steps - 1  # gradients are averaged over processes once, at the end
-            with self.network.no_sync() if self.network is not self.model and not last else nullcontext(), \
-                    torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self.precision != "fp32"):
-                loss = self.objective.loss(self.network, self.schedule, images, class_labels=labels,
-                                           draws=draws.rows(self.rows),
-                                           **({"model_inputs": inputs} if inputs else {})).mean()
+            synced = nullcontext() if self.network is self.model or last else self.network.no_sync()
+            with synced, torch.autocast(self.device.type, dtype=PRECISIONS[self.precision],
+                                        enabled=self.precision != "fp32"):
+                loss = self.task.loss(self.network, batch, self.random).mean()
                 self.scaler.scale(loss / self.accumulation_steps).backward()
             total += loss.detach() / self.accumulation_steps
         self.scaler.unscale_(self.optimizer)
@@ -292,104 +217,30 @@ class Trainer:
             self.lr_scheduler.step()
         return total, grad_norm, finite
 
-    def batches(self, loader) -> Iterator:
-        """Endless batches; the position (epoch, batch in epoch) always names the next batch to read."""
-        while True:
-            loader.batch_sampler.set_position(self.epoch, self.batch_in_epoch)
-            try:
-                for batch in loader:
-                    self.batch_in_epoch += 1
-                    yield batch
-            except RuntimeError as error:
-                if (message := worker_death(error, self.dataset, self.num_workers)) is None:
-                    raise
-                raise LoaderWorkerDied(message) from error
-            self.epoch += 1
-            self.batch_in_epoch = 0
+    def out_of_time(self) -> bool:
+        """Whether the training time has reached ``max_train_seconds`` (the same answer on every process)."""
+        return self.max_train_seconds is not None and self.train_seconds >= self.max_train_seconds
 
-    # --- what callbacks use ---------------------------------------------------------------------
+    def count_nonfinite(self, finite: bool) -> None:
+        """Count a skipped step; after ``max_nonfinite_steps`` in a row, say why the run must stop."""
+        if finite:
+            self.nonfinite_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        self.pending["train/skipped_steps"] = self.skipped_steps
+        log.warning("step %d: the loss (%.4g) or the gradient norm (%.4g) is not finite: the update was skipped "
+                    "(%d in a row, %d in all)", self.step, self.loss.item(), self.grad_norm.item(),
+                    self.nonfinite_in_a_row, self.skipped_steps)
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            self.diverged = (
+                f"the loss or the gradients were not finite for {self.nonfinite_in_a_row} steps in a row (up to step "
+                f"{self.step}); the weights of the last good step are saved in checkpoints/last.pt. Likely causes: a "
+                "learning rate too high (optimizer.lr), no gradient clipping (trainer.grad_clip), fp16 overflow "
+                "(trainer.precision=bf16 or fp32), or NaN/Inf in the data. Raise trainer.max_nonfinite_steps to "
+                "allow more")
 
     def call(self, hook: str, *args) -> None:
-        """Run ``hook`` of every callback, by ``order``, then in config order."""
+        """Run ``hook`` of every callback, by ``order``, then in config order, with the run's view."""
         for callback in self.callbacks.values():
-            getattr(callback, hook)(self, *args)
-
-    def due(self, every: int) -> bool:
-        """Whether a cadence of ``every`` steps (0: never) fires now; each also fires at the last step (at
-        ``max_steps`` or at the time budget)."""
-        return bool(every) and (self.step % every == 0 or self.last_step)
-
-    def log_metrics(self, metrics: Mapping[str, float]) -> None:
-        """Record metrics of this step; the callbacks' ``on_log`` receives them together at the end of the step."""
-        self.pending.update(metrics)
-
-    # --- checkpoints ----------------------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        """Everything needed to continue this run exactly (DESIGN.md, "Checkpoints"). Every process must call it."""
-        rng = distributed.gather(rng_state())  # each process's own dropout stream
-        return {
-            "format_version": FORMAT_VERSION,
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "world_size": self.world.size,
-            "model": self.model.state_dict(),
-            **self.averages.checkpoint_entries(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "swa_lr_scheduler": self.swa_lr.state_dict() if self.swa_lr is not None else None,
-            "grad_scaler": self.scaler.state_dict(),
-            "skipped_steps": self.skipped_steps,
-            "train_seconds": self.train_seconds,
-            "rng": {**rng[0], "train_generator": self.generator.get_state(), "train_generator_device": self.device.type,
-                    "ranks": rng[1:]},
-            "callbacks": {name: callback.state_dict() for name, callback in self.callbacks.items()},
-            "config": self.config_yaml,
-            "class_names": list(self.dataset.classes or []),
-            "code_version": code_version(),
-        }
-
-    def initialize_from(self, state: dict) -> None:
-        """A fine-tune: the model takes a checkpoint's weights, every average its EMA weights (or the same), and the
-        optimizer its moments where every parameter's shape matches (the seed's Adam state included)."""
-        load_weights(self.model, state["model"], what="weights to start from (init_from)")
-        self.averages.copy_weights(state["ema"]["state_dict"] if "ema" in state else self.model.state_dict())
-        if not load_optimizer_moments(self.optimizer, state.get("optimizer") or state.get("seed_optimizer")):
-            log.warning("init_from: the optimizer state does not fit this model's parameters; starting it afresh")
-
-    def restore(self, state: dict) -> None:
-        """Continue from a checkpoint's state: weights, averages, optimizer, schedules, RNG, data position, callbacks."""
-        if "optimizer" not in state:
-            raise ValueError("the checkpoint holds weights only (diffusion-posthoc or a conversion wrote it), not the "
-                             "state a run continues from: start a new run from it with init_from=PATH instead of resume")
-        load_weights(self.model, state["model"], what="model weights")
-        self.averages.load_state_dict(state.get("averages") or {}, legacy_ema=state.get("ema"))
-        changed = restore_optimizer(self.optimizer, state["optimizer"])
-        if changed:
-            log.warning("the optimizer's settings changed since the checkpoint (%s): the run continues with the new "
-                        "ones", ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()))
-        self.scaler.load_state_dict(state["grad_scaler"])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.skipped_steps = state.get("skipped_steps", 0)
-        self.train_seconds = state.get("train_seconds", 0.0)  # older checkpoints did not keep it
-        changed = restore_lr_scheduler(self.lr_scheduler, state["lr_scheduler"], self.step)
-        if changed:
-            log.warning("the learning-rate schedule changed since the checkpoint (%s): it now follows the new "
-                        "settings from step 0, so at step %d the learning rate is %.3g", ", ".join(
-                            f"{key} {old} -> {new}" for key, (old, new) in changed.items()),
-                        self.step, self.optimizer.param_groups[0]["lr"])
-        if self.swa_lr is not None:
-            self.swa_lr.load_state_dict(state.get("swa_lr_scheduler"), self.optimizer,
-                                        [group["lr"] for group in state["optimizer"]["param_groups"]])
-        ranks = [state["rng"], *state["rng"].get("ranks", [])]
-        if len(ranks) == self.world.size:
-            set_rng_state(ranks[self.world.rank])
-        else:  # another number of processes: a fresh dropout stream per process
-            log.warning("resuming on %d process(es) a checkpoint of %d: dropout draws new random numbers",
-                        self.world.size, len(ranks))
-            torch.manual_seed(self.seed + 1_000_003 * self.world.rank + self.step)
-        restore_generator(self.generator, state["rng"], self.device.type, fresh_seed=self.seed + self.step)
-        for name, callback_state in state.get("callbacks", {}).items():
-            if name in self.callbacks:
-                self.callbacks[name].load_state_dict(callback_state)
+            getattr(callback, hook)(self.view, *args)

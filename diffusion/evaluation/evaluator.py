@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from diffusion.engine.checkpoint import save_checkpoint
+from diffusion.engine.contracts import ImageDataset, SplitDataset
 from diffusion.evaluation.features import FeatureExtractor, extract, in_batches
 from diffusion.evaluation.metrics import (
     broken_images,
@@ -22,10 +23,9 @@ from diffusion.evaluation.metrics import (
     kernel_inception_distance,
     precision_recall,
 )
+from diffusion.process.generate import generate
 from diffusion.process.labels import cycled_labels
 from diffusion.process.objectives import Objective
-from diffusion.engine.contracts import ImageDataset
-from diffusion.process.generate import generate
 from diffusion.process.schedules import NoiseSchedule
 
 METRIC_KEYS = ("fd", "kid", "kid_std", "precision", "recall", "inception_score", "inception_score_std",
@@ -53,9 +53,10 @@ def reference_statistics(extractor: FeatureExtractor, dataset: ImageDataset, dat
     dataset_cfg = {key: value for key, value in dataset_config.items() if key != "random_flip"}
     key = json.dumps({"extractor": extractor.name, "dataset": dataset_cfg, "fingerprint": dataset.fingerprint()},
                      sort_keys=True)
+    split = dataset.split if isinstance(dataset, SplitDataset) else "all"  # in the name for people, not the key
     name = "-".join(str(part) for part in (
-        dataset_cfg["_target_"].rsplit(".", 1)[-1].lower(), getattr(dataset, "split", "all"),  # the split: for people
-        f"{dataset.image_size}px", hashlib.sha256(key.encode()).hexdigest()[:10],
+        dataset_cfg["_target_"].rsplit(".", 1)[-1].lower(), split, f"{dataset.image_size}px",
+        hashlib.sha256(key.encode()).hexdigest()[:10],
     ))
     path = Path(cache_dir) / "reference" / extractor.name / f"{name}.pt"
     if path.is_file():

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion.errors import ConfigError
 from diffusion.models.layers import sinusoidal_embedding, zero_init
 from diffusion.models.unet import UNet
-from diffusion.errors import ConfigError
 
 
 def upsample(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -8,8 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion.models.layers import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, sinusoidal_embedding, zero_init
 from diffusion.errors import ConfigError
+from diffusion.models.layers import (
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    Upsample,
+    group_norm,
+    sinusoidal_embedding,
+    zero_init,
+)
 
 
 class UNet(nn.Module):

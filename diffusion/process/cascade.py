@@ -13,11 +13,13 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from diffusion.config import sampler_from_config
-from diffusion.reports.images import save_grid
 from diffusion.data.resize import area_downsample
+from diffusion.engine.contracts import SuperResolutionModel
+from diffusion.errors import ConfigError
 from diffusion.models.super_resolution import upsample
-from diffusion.weights.trained_model import TrainedModel, load_trained
 from diffusion.process.generate import generate
+from diffusion.reports.images import save_grid
+from diffusion.weights.trained_model import TrainedModel, load_trained
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ class Stage:
 
     @property
     def is_super_resolution(self) -> bool:
-        return hasattr(self.trained.model, "sampling_inputs")
+        return isinstance(self.trained.model, SuperResolutionModel)
 
 
 def load_stages(cascade: DictConfig, device: torch.device) -> list[Stage]:
@@ -47,21 +49,21 @@ def load_stages(cascade: DictConfig, device: torch.device) -> list[Stage]:
     stages = []
     for name, node in cascade.stages.items():
         if node.get("checkpoint") in (None, "???"):
-            raise ValueError(f"cascade stage {name!r} has no checkpoint: pass cascade.stages.{name}.checkpoint=PATH")
+            raise ConfigError(f"cascade stage {name!r} has no checkpoint: pass cascade.stages.{name}.checkpoint=PATH")
         trained = load_trained(node.checkpoint, node.get("weights", "ema"), device)
         sampler = sampler_from_config(node.sampler, node.get("steps"), f"cascade.stages.{name}.sampler")
         stages.append(Stage(name, trained, sampler, float(node.get("guidance_scale", 1.0)),
                             float(node.get("aug_level", 0.0))))
     if not stages:
-        raise ValueError("the cascade lists no stages (cascade.stages)")
+        raise ConfigError("the cascade lists no stages (cascade.stages)")
     for index, stage in enumerate(stages):
         if index == 0 and stage.is_super_resolution:
-            raise ValueError(f"the cascade's first stage ({stage.name}) upsamples: put the base model first")
+            raise ConfigError(f"the cascade's first stage ({stage.name}) upsamples: put the base model first")
         if index and not stage.is_super_resolution:
-            raise ValueError(f"cascade stage {stage.name!r} is not a super-resolution stage (model.low_resolution): "
+            raise ConfigError(f"cascade stage {stage.name!r} is not a super-resolution stage (model.low_resolution): "
                              "only the first stage generates from noise")
         if index and stage.trained.model.low_resolution != stages[index - 1].image_size:
-            raise ValueError(f"cascade stage {stage.name!r} upsamples {stage.trained.model.low_resolution}px images "
+            raise ConfigError(f"cascade stage {stage.name!r} upsamples {stage.trained.model.low_resolution}px images "
                              f"but {stages[index - 1].name!r} makes {stages[index - 1].image_size}px ones")
     return stages
 

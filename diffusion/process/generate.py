@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from diffusion.errors import ConfigError
 from diffusion.process.objectives import Objective
 from diffusion.process.samplers import Denoiser, image_generators, randn_per_image
 from diffusion.process.schedules import NoiseSchedule
@@ -42,19 +43,11 @@ def check_guidance(model: nn.Module, class_labels: Sequence[int] | None, guidanc
     if guidance_scale == 1.0:
         return
     if not model.num_classes:
-        raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model, and this one is "
+        raise ConfigError(f"guidance_scale={guidance_scale} needs a class-conditional model, and this one is "
                          "unconditional: remove guidance_scale (or train with model.num_classes=auto)")
     if class_labels is not None and model.null_label is None:
-        raise ValueError(f"guidance_scale={guidance_scale} needs the model's 'no class' label, which this model "
+        raise ConfigError(f"guidance_scale={guidance_scale} needs the model's 'no class' label, which this model "
                          "lacks: remove guidance_scale")
-
-
-def conditioning_of(model: nn.Module, low_res: Sequence[torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """A super-resolution stage's sampling inputs for low-resolution images (not augmented); None for other networks
-    (or no images)."""
-    if not hasattr(model, "sampling_inputs") or not low_res:
-        return None
-    return model.sampling_inputs(torch.stack(list(low_res)))
 
 
 def make_denoiser(

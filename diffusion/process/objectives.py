@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion.process.schedules import NoiseSchedule
 from diffusion.errors import ConfigError
+from diffusion.process.schedules import NoiseSchedule
 
 
 def _huber(prediction: torch.Tensor, target: torch.Tensor, delta: float) -> torch.Tensor:

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.utils import make_grid
 
 from diffusion.errors import ConfigError
 
@@ -31,15 +30,29 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
+def tile(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = -1.0) -> torch.Tensor:
+    """A batch (B, C, H, W) tiled row by row, ``nrow`` to a row, ``padding`` pixels of ``pad_value`` around each
+    (torchvision's ``make_grid`` layout, without importing torchvision); a single image is returned as it is."""
+    if images.shape[0] == 1:
+        return images[0]
+    count, channels, height, width = images.shape
+    columns = min(nrow, count)
+    rows = math.ceil(count / columns)
+    grid = images.new_full((channels, rows * (height + padding) + padding, columns * (width + padding) + padding),
+                           pad_value)
+    for index, image in enumerate(images):
+        top = (index // columns) * (height + padding) + padding
+        left = (index % columns) * (width + padding) + padding
+        grid[:, top : top + height, left : left + width] = image
+    return grid
+
+
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, upscale: int = 1) -> Path:
     """Save a batch (B, C, H, W) in [-1, 1] as one PNG grid, ``nrow`` images per row (square by default)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-    grid = make_grid(upscale_nearest(images.float(), upscale), nrow=nrow, padding=2, pad_value=-1.0)
-    if images.shape[1] == 1:
-        grid = grid[:1]
-    to_pil(grid).save(path)
+    to_pil(tile(upscale_nearest(images.float(), upscale), nrow)).save(path)
     return path
 
 

@@ -22,11 +22,16 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.reports.tables import (
-    jobs_table, markdown_table, pivot_table, problems_section, time_to_target, time_to_target_section,
-)
-from diffusion.reports.sweeps import SWEEP_CONFIG, load_sweep_config, searched_parameters
 from diffusion.errors import ConfigError
+from diffusion.reports.sweep_parameters import SWEEP_CONFIG, load_sweep_config, searched_parameters
+from diffusion.reports.tables import (
+    jobs_table,
+    markdown_table,
+    pivot_table,
+    problems_section,
+    time_to_target,
+    time_to_target_section,
+)
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid
 
-from diffusion.reports.images import to_pil, upscale_nearest
+from diffusion.reports.images import tile, to_pil, upscale_nearest
 
 
 class TrajectoryRecorder:
@@ -32,9 +31,8 @@ class TrajectoryRecorder:
         for step in range(min(len(batch) for batch in self.batches)):
             x = torch.cat([batch[step][0] for batch in self.batches]).clamp(-1, 1)
             x0 = torch.cat([batch[step][1] for batch in self.batches]).clamp(-1, 1)
-            grids = [make_grid(upscale_nearest(images, upscale), nrow=nrow, padding=2, pad_value=-1.0) for images in (x, x0)]
-            frame = make_grid(torch.stack(grids), nrow=2, padding=4, pad_value=1.0)
-            frames.append(to_pil(frame[:1] if x.shape[1] == 1 else frame))
+            grids = [tile(upscale_nearest(images, upscale), nrow) for images in (x, x0)]
+            frames.append(to_pil(tile(torch.stack(grids), nrow=2, padding=4, pad_value=1.0)))
         path = Path(path)
         durations = [frame_ms] * (len(frames) - 1) + [2000]  # hold the final images
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)

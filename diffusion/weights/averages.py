@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from diffusion.weights.posthoc import power_beta, sigma_rel_to_gamma
 from diffusion.errors import ConfigError
+from diffusion.weights.posthoc import power_beta, sigma_rel_to_gamma
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,16 @@ from pathlib import Path
 
 import torch
 
-from diffusion.weights.averages import ema_name
-from diffusion.weights.posthoc import (combine_state_dicts, gamma_to_sigma_rel, posthoc_coefficients, reconstruction_error,
-                              sigma_rel_to_gamma)
+from diffusion.engine.checkpoint import load_ema_snapshot
 from diffusion.errors import CheckpointError, ConfigError
+from diffusion.weights.averages import ema_name
+from diffusion.weights.posthoc import (
+    combine_state_dicts,
+    gamma_to_sigma_rel,
+    posthoc_coefficients,
+    reconstruction_error,
+    sigma_rel_to_gamma,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +75,7 @@ def power_snapshots(checkpoint: str | Path, state: dict) -> list[tuple[int, floa
     for path in files:
         if int(path.stem.split("_")[1]) > step:
             continue
-        snapshot = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # weights read when combined
+        snapshot = load_ema_snapshot(path)
         found += [(int(entry["num_updates"]), float(entry["gamma"]), entry["state_dict"])
                   for entry in snapshot["averages"].values() if entry["num_updates"]]
     return found

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffusion.engine.checkpoint import load_checkpoint, load_weights
 from diffusion.config import instantiate_from_checkpoint_config
+from diffusion.engine.checkpoint import load_checkpoint, load_weights
 from diffusion.process.objectives import Objective
 from diffusion.process.schedules import NoiseSchedule
 from diffusion.weights.choose import ChosenWeights, choose_weights

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from diffusion.engine import distributed
 from diffusion.engine.callbacks.base import Callback
-from diffusion.engine.checkpoint import FORMAT_VERSION, save_checkpoint
-from diffusion.errors import CheckpointWriteError
+from diffusion.engine.checkpoint import ema_snapshot, save_checkpoint
 from diffusion.engine.run_dir import shown
+from diffusion.errors import CheckpointWriteError, ConfigError
 from diffusion.weights.choose import SNAPSHOT_FOLDER
 
 
@@ -24,22 +24,21 @@ class EMASnapshots(Callback):
 
     def __init__(self, every: int = 0) -> None:
         if every < 0:
-            raise ValueError(f"callbacks.ema_snapshots.every must be at least 0, got {every}")
+            raise ConfigError(f"callbacks.ema_snapshots.every must be at least 0, got {every}")
         self.every = every
 
-    def on_fit_start(self, trainer) -> None:
-        if self.every and not trainer.averages.of_kind("power_ema"):
-            raise ValueError(f"callbacks.ema_snapshots.every={self.every} stores power-function EMAs, but the run keeps"
-                             " none: add them with trainer.ema_sigma_rel=[0.05,0.10] (or set the cadence to 0)")
+    def on_fit_start(self, run) -> None:
+        if self.every and not run.averages.of_kind("power_ema"):
+            raise ConfigError(f"callbacks.ema_snapshots.every={self.every} stores power-function EMAs, but the run "
+                              "keeps none: add them with trainer.ema_sigma_rel=[0.05,0.10] (or set the cadence to 0)")
 
-    def on_step_end(self, trainer) -> None:
-        if not trainer.due(self.every):
+    def on_step_end(self, run) -> None:
+        if not run.due(self.every):
             return
-        path = trainer.run_dir / "checkpoints" / SNAPSHOT_FOLDER / f"step_{trainer.step}.pt"
+        path = run.run_dir / "checkpoints" / SNAPSHOT_FOLDER / f"step_{run.step}.pt"
         failure = None
-        if trainer.is_main:
-            snapshot = {"format_version": FORMAT_VERSION, "step": trainer.step,
-                        "averages": {a.name: a.state_dict() for a in trainer.averages.of_kind("power_ema")}}
+        if run.is_main:
+            snapshot = ema_snapshot(run.step, run.averages)
             try:
                 save_checkpoint(snapshot, path)
             except OSError as error:

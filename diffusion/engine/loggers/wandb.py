@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 from diffusion.engine.loggers.base import Logger
+from diffusion.errors import ConfigError
 
 
 class WandbLogger(Logger):
@@ -38,7 +39,7 @@ class WandbLogger(Logger):
 
         mode = mode or os.environ.get("WANDB_MODE") or "offline"
         if mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"logger.mode={mode!r} is not known; choose offline, online or disabled")
+            raise ConfigError(f"logger.mode={mode!r} is not known; choose offline, online or disabled")
         save_dir = Path(save_dir)
         (save_dir / "wandb").mkdir(parents=True, exist_ok=True)
         id_file = save_dir / "wandb" / "run_id"

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion.engine.checkpoint import save_checkpoint
-from diffusion.evaluation.features.base import FeatureExtractor
 from diffusion.errors import ConfigError
+from diffusion.evaluation.features.base import FeatureExtractor
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
+from diffusion.errors import ConfigError
 from diffusion.evaluation.features.base import FeatureExtractor
 from diffusion.reports.images import to_uint8
-from diffusion.errors import ConfigError
 
 WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from diffusion.evaluation.metrics.checks import as_feature_matrix, same_dimension
 from diffusion.errors import ConfigError
+from diffusion.evaluation.metrics.checks import as_feature_matrix, same_dimension
 
 # up to this many kernel entries (float64: 8 bytes each) the three kernel matrices are computed once for all subsets
 FULL_KERNEL_MAX_ENTRIES = 25_000_000

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from diffusion.evaluation.metrics.checks import as_feature_matrix, same_dimension
 from diffusion.errors import ConfigError
+from diffusion.evaluation.metrics.checks import as_feature_matrix, same_dimension
 
 
 def knn_radii(features: torch.Tensor, k: int = 3, chunk_size: int = 1024) -> torch.Tensor:

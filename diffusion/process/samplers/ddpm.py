@@ -6,10 +6,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from diffusion.errors import ConfigError
 from diffusion.process.samplers.grids import sampling_timesteps
 from diffusion.process.samplers.noise import Denoiser, randn_per_image
 from diffusion.process.schedules import NoiseSchedule
-from diffusion.errors import ConfigError
 
 VARIANCES = ("beta_tilde", "beta")
 

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from diffusion.process.schedules import NoiseSchedule
 from diffusion.errors import ConfigError
+from diffusion.process.schedules import NoiseSchedule
 
 # grids of training timesteps (every sampler) and grids of noise levels (the samplers that work in sigma)
 SPACINGS = ("leading", "trailing", "linspace")

@@ -1,8 +1,8 @@
 """What a multirun sweeps, as its jobs and its report see it: the swept keys, the W&B group and the run names.
 
 A sweep's folder holds ``multirun.yaml``, the config the sweep was started with (Hydra's basic sweeper writes it;
-``diffusion.reports.sweep_report.SweepReport`` writes it for the others, such as Optuna). Its ``hydra.sweeper.params`` and its
-command line (``hydra.overrides.task``) say which keys the sweep varies.
+``diffusion.reports.sweep_report.SweepReport`` writes it for the others, such as Optuna). Its
+``hydra.sweeper.params`` and its command line (``hydra.overrides.task``) say which keys the sweep varies.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ import logging
 from collections.abc import Callable
 
 from diffusion.engine.callbacks.base import Callback
-from diffusion.reports.images import save_grid
-from diffusion.process.labels import resolve_class_labels
 from diffusion.engine.run_dir import shown
-from diffusion.process.generate import conditioning_of, generate
+from diffusion.process.generate import generate
+from diffusion.process.labels import resolve_class_labels
+from diffusion.reports.images import save_grid
 
 log = logging.getLogger(__name__)
 
@@ -30,28 +30,27 @@ class SampleGrid(Callback):
         self.sampler, self.every, self.num_images = sampler, every, num_images
         self.batch_size, self.guidance_scale = batch_size, guidance_scale
 
-    def on_step_end(self, trainer) -> None:
-        if trainer.is_main and trainer.due(self.every):
-            self.write_grid(trainer)
+    def on_step_end(self, run) -> None:
+        if run.is_main and run.due(self.every):
+            self.write_grid(run)
 
-    def write_grid(self, trainer):
+    def write_grid(self, run):
         """Sample the grid of this step and write it."""
-        num_classes = trainer.model.num_classes
+        num_classes = run.model.num_classes
         classes = [str(i) for i in range(num_classes)] if num_classes else None  # one row per class
         labels, per_row = resolve_class_labels("all" if classes else None, self.num_images, classes,
                                                per_row=max(1, self.num_images // (num_classes or 1)))
-        dataset = trainer.dataset
+        dataset = run.dataset
         count = len(labels) if labels else self.num_images
-        # a super-resolution stage upsamples the low-resolution halves of the data set's first pairs
-        lows = [dataset[i][2] for i in range(min(count, len(dataset)))] if hasattr(dataset, "input_names") else []
-        inputs = conditioning_of(trainer.ema.model, lows)
+        # a super-resolution stage upsamples the low-resolution halves of the data set's first images
+        inputs = run.task.sampling_inputs(dataset, count)
         images = generate(
-            trainer.ema.model, trainer.schedule, trainer.objective, self.sampler,
+            run.ema.model, run.task.schedule, run.task.objective, self.sampler,
             list(range(min(count, len(dataset)) if inputs else count)),
             (dataset.channels, dataset.image_size, dataset.image_size), labels, self.batch_size,
             guidance_scale=self.guidance_scale, model_inputs=inputs,
         )
-        path = save_grid(images, trainer.run_dir / "samples" / f"step_{trainer.step}.png", nrow=per_row)
-        trainer.logger.log_image("samples", path, trainer.step)
+        path = save_grid(images, run.run_dir / "samples" / f"step_{run.step}.png", nrow=per_row)
+        run.logger.log_image("samples", path, run.step)
         log.info("sample grid: %s", shown(path))
         return path

@@ -25,7 +25,7 @@ def format_duration(seconds: float) -> str:
 class MetricsLogger(Callback):
     """Every ``every`` steps, logs the mean loss since the last line (over all processes), the learning rate,
     the gradient norm, images per second of training time and the epoch; writes every metric of a step as one
-    line of ``metrics.jsonl`` (with the step and the trainer's ``train_seconds``) and sends it to the tracker.
+    line of ``metrics.jsonl`` (with the step and the run's ``train_seconds``) and sends it to the tracker.
 
     Args:
         every: steps between lines (0: no training metrics; other callbacks' metrics are still written).
@@ -37,46 +37,46 @@ class MetricsLogger(Callback):
         self.loss_sum, self.steps = 0.0, 0  # the window since the last line, saved so resumed runs log the same
         self.window_sum: torch.Tensor | None = None
 
-    def on_fit_start(self, trainer) -> None:
-        self.file = JSONLWriter(trainer.run_dir / self.filename)
-        if trainer.is_main and trainer.step:
-            self.file.truncate_after(trainer.step)  # lines a killed run logged after its last checkpoint
+    def on_fit_start(self, run) -> None:
+        self.file = JSONLWriter(run.run_dir / self.filename)
+        if run.is_main and run.step:
+            self.file.truncate_after(run.step)  # lines a killed run logged after its last checkpoint
         # the saved sum is over all processes: rank 0 carries it on
-        self.window_sum = torch.full((), self.loss_sum if trainer.is_main else 0.0, device=trainer.device)
-        self.window_start = trainer.train_seconds
-        self.run_start, self.start_step = time.perf_counter(), trainer.step
-        self.start_train_seconds = trainer.train_seconds
+        self.window_sum = torch.full((), self.loss_sum if run.is_main else 0.0, device=run.device)
+        self.window_start = run.train_seconds
+        self.run_start, self.start_step = time.perf_counter(), run.step
+        self.start_train_seconds = run.train_seconds
 
-    def on_step_end(self, trainer) -> None:
-        self.window_sum += trainer.loss  # no host-device synchronisation until a line is due
+    def on_step_end(self, run) -> None:
+        self.window_sum += run.loss  # no host-device synchronisation until a line is due
         self.steps += 1
-        if not trainer.due(self.every):
+        if not run.due(self.every):
             return
-        loss = distributed.all_reduce_sum(self.window_sum).item() / (self.steps * trainer.world.size)
-        seconds = max(1e-9, trainer.train_seconds - self.window_start)
+        loss = distributed.all_reduce_sum(self.window_sum).item() / (self.steps * run.world_size)
+        seconds = max(1e-9, run.train_seconds - self.window_start)
         metrics = {
             "loss": loss,
-            "lr": trainer.lr,
-            "grad_norm": float(trainer.grad_norm),
-            "images_per_sec": self.steps * trainer.batch_size * trainer.accumulation_steps / seconds,
-            "epoch": trainer.epoch,
+            "lr": run.lr,
+            "grad_norm": float(run.grad_norm),
+            "images_per_sec": self.steps * run.images_per_step / seconds,
+            "epoch": run.epoch,
         }
-        trainer.log_metrics(metrics)
-        budget = trainer.max_train_seconds
+        run.log_metrics(metrics)
+        budget = run.max_train_seconds
         remaining = remaining_seconds(
-            time.perf_counter() - self.run_start, trainer.step - self.start_step, trainer.max_steps - trainer.step,
-            trainer.train_seconds - self.start_train_seconds, None if budget is None else budget - trainer.train_seconds)
-        if trainer.is_main:
-            log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.1f img/s  eta %s", trainer.step,
-                     trainer.max_steps, loss, metrics["lr"], metrics["grad_norm"], metrics["images_per_sec"],
+            time.perf_counter() - self.run_start, run.step - self.start_step, run.max_steps - run.step,
+            run.train_seconds - self.start_train_seconds, None if budget is None else budget - run.train_seconds)
+        if run.is_main:
+            log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.1f img/s  eta %s", run.step,
+                     run.max_steps, loss, metrics["lr"], metrics["grad_norm"], metrics["images_per_sec"],
                      format_duration(remaining))
         self.window_sum.zero_()
-        self.steps, self.window_start = 0, trainer.train_seconds
+        self.steps, self.window_start = 0, run.train_seconds
 
-    def on_log(self, trainer, metrics) -> None:
-        if trainer.is_main:
-            self.file.write({"step": trainer.step, **metrics})
-            trainer.logger.log_metrics(metrics, trainer.step)
+    def on_log(self, run, metrics) -> None:
+        if run.is_main:
+            self.file.write({"step": run.step, **metrics})
+            run.logger.log_metrics(metrics, run.step)
 
     def state_dict(self) -> dict:
         """The loss window summed over processes (every process calls this, as it calls ``Trainer.state_dict``)."""
@@ -90,7 +90,7 @@ class MetricsLogger(Callback):
 def remaining_seconds(elapsed: float, steps_done: int, steps_left: int, train_seconds_done: float,
                       train_seconds_left: float | None = None) -> float:
     """Wall-clock seconds to the run's end at its pace so far: to max_steps, or sooner when the training-time
-    budget (trainer.max_train_seconds, ``train_seconds_left`` of it) runs out first."""
+    budget (run.max_train_seconds, ``train_seconds_left`` of it) runs out first."""
     by_steps = elapsed / max(steps_done, 1) * steps_left
     if train_seconds_left is None or train_seconds_done <= 0:
         return by_steps

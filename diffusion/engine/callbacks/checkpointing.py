@@ -9,8 +9,8 @@ from pathlib import Path
 from diffusion.engine import distributed
 from diffusion.engine.callbacks.base import Callback
 from diffusion.engine.checkpoint import save_checkpoint
-from diffusion.errors import CheckpointWriteError
 from diffusion.engine.run_dir import shown
+from diffusion.errors import CheckpointWriteError
 
 log = logging.getLogger(__name__)
 
@@ -29,35 +29,35 @@ class Checkpointing(Callback):
     def __init__(self, every: int = 1000, keep: int = 3) -> None:
         self.every, self.keep = every, keep
 
-    def on_fit_start(self, trainer) -> None:
+    def on_fit_start(self, run) -> None:
         """Remove the partial files a killed writer of this run left (a run's checkpoints have one writer)."""
-        if trainer.is_main:
-            folder = trainer.run_dir / "checkpoints"
+        if run.is_main:
+            folder = run.run_dir / "checkpoints"
             for partial in [*folder.glob(".*.pt.*.tmp"), *folder.glob(".*.pt.link")]:
                 partial.unlink(missing_ok=True)
                 log.info("removed %s, left by a writer that was killed", shown(partial))
 
-    def on_step_end(self, trainer) -> None:
-        if trainer.due(self.every):
-            self.save(trainer, keep_step_file=self.keep > 0)
+    def on_step_end(self, run) -> None:
+        if run.due(self.every):
+            self.save(run, keep_step_file=self.keep > 0)
 
-    def on_stop(self, trainer) -> None:
-        path = self.save(trainer, keep_step_file=False)
-        if trainer.is_main:
-            log.warning("stopped at step %d; checkpoint %s; continue with resume=auto", trainer.step, shown(path))
+    def on_stop(self, run) -> None:
+        path = self.save(run, keep_step_file=False)
+        if run.is_main:
+            log.warning("stopped at step %d; checkpoint %s; continue with resume=auto", run.step, shown(path))
 
-    def save(self, trainer, keep_step_file: bool) -> Path:
+    def save(self, run, keep_step_file: bool) -> Path:
         """Write this step's checkpoint (every process gathers the state; rank 0 writes it).
 
         ``last.pt`` is replaced first and ``step_<N>.pt`` linked to it after, so that a kill at any moment leaves a
         ``last.pt`` that loads and is the newest checkpoint. A failed write keeps the previous ``last.pt`` and stops
         the run on every process with ``CheckpointWriteError``.
         """
-        folder = trainer.run_dir / "checkpoints"
-        state = trainer.state_dict()
-        last, step_file = folder / "last.pt", folder / f"step_{trainer.step}.pt"
+        folder = run.run_dir / "checkpoints"
+        state = run.checkpoint_state()
+        last, step_file = folder / "last.pt", folder / f"step_{run.step}.pt"
         failure = None
-        if trainer.is_main:
+        if run.is_main:
             try:
                 write_checkpoint(state, last, step_file if keep_step_file else None, self.keep)
             except OSError as error:
@@ -66,7 +66,7 @@ class Checkpointing(Callback):
             raise CheckpointWriteError(
                 f"{failure}. The previous checkpoint is kept: free disk space or make {shown(folder)} writable "
                 "(or set paths.runs_dir), then continue with resume=auto")
-        if keep_step_file and trainer.is_main:
+        if keep_step_file and run.is_main:
             log.info("checkpoint: %s", shown(step_file))
         return step_file if keep_step_file else last
 

@@ -11,9 +11,10 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion.engine import distributed
 from diffusion.engine.callbacks.base import Callback
 from diffusion.engine.checkpoint import save_checkpoint
+from diffusion.engine.run_dir import shown
+from diffusion.errors import ConfigError
 from diffusion.evaluation.evaluator import BROKEN_GRID_SIZE, METRIC_KEYS, Evaluator, available_metrics, beats
 from diffusion.reports.images import save_grid
-from diffusion.engine.run_dir import shown
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class EvaluateAndKeepBest(Callback):
         dataset: the training data's config, part of the reference statistics' cache key.
         cache_dir: where reference statistics (and the digits classifier) are cached.
         every: steps between evaluations (0: never).
-        every_seconds: also evaluate at the first step whose training time (``trainer.train_seconds``) has crossed
+        every_seconds: also evaluate at the first step whose training time (``run.train_seconds``) has crossed
             the next multiple of this many seconds (0: never): curves of quality against training time.
         at_end: also evaluate at the last step when no cadence has just done so (the run's final quality).
         metric: the metric that chooses ``best.pt`` and that the run reports as ``eval/best_<metric>``.
@@ -47,9 +48,9 @@ class EvaluateAndKeepBest(Callback):
                  every: int = 0, metric: str = "fd", num_images: int = 500, batch_size: int = 250,
                  guidance_scale: float = 1.0, every_seconds: float = 0, at_end: bool = False) -> None:
         if metric not in METRIC_KEYS:
-            raise ValueError(f"callbacks.evaluation.metric={metric!r} is not known; choose one of {list(METRIC_KEYS)}")
+            raise ConfigError(f"callbacks.evaluation.metric={metric!r} is not known; choose one of {list(METRIC_KEYS)}")
         if every_seconds < 0:
-            raise ValueError(f"callbacks.evaluation.every_seconds must be positive (or 0: never), got {every_seconds}")
+            raise ConfigError(f"callbacks.evaluation.every_seconds must be positive (or 0: never), got {every_seconds}")
         self.features, self.sampler, self.dataset, self.cache_dir = features, sampler, dataset, cache_dir
         self.every, self.metric, self.num_images = every, metric, num_images
         self.every_seconds, self.at_end = every_seconds, at_end
@@ -58,63 +59,63 @@ class EvaluateAndKeepBest(Callback):
         self.best: dict[str, Any] | None = None  # the best measurement so far: metric, value, step
         self.evaluator: Evaluator | None = None
 
-    def on_fit_start(self, trainer) -> None:
+    def on_fit_start(self, run) -> None:
         if self.every or self.every_seconds or self.at_end:
-            distributed.computed_by_rank_zero(self.build)(trainer)
+            distributed.computed_by_rank_zero(self.build)(run)
         if self.every_seconds:  # a resumed run goes on from the multiples its restored training time had crossed
-            self.seconds_crossed = int(trainer.train_seconds // self.every_seconds)
+            self.seconds_crossed = int(run.train_seconds // self.every_seconds)
 
-    def build(self, trainer) -> None:
+    def build(self, run) -> None:
         """Build the extractor and the sampler, and refuse a metric this run cannot measure."""
         extractor = instantiate(self.features)
-        available = available_metrics(extractor, trainer.model.num_classes, trainer.dataset.classes)
+        available = available_metrics(extractor, run.model.num_classes, run.dataset.classes)
         if self.metric not in available:
-            raise ValueError(
+            raise ConfigError(
                 f"callbacks.evaluation.metric={self.metric!r} cannot be measured in this run ("
                 + ("an unconditional model has no conditional accuracy" if self.metric == "conditional_accuracy"
                    else f"the feature extractor {extractor.name!r} cannot give it")
                 + f"): choose one of {available}")
         dataset_config = OmegaConf.to_container(self.dataset, resolve=True) if isinstance(self.dataset, DictConfig) \
             else dict(self.dataset)
-        self.evaluator = Evaluator(extractor=extractor, dataset=trainer.dataset, dataset_config=dataset_config,
+        self.evaluator = Evaluator(extractor=extractor, dataset=run.dataset, dataset_config=dataset_config,
                                    cache_dir=self.cache_dir, sampler=instantiate(self.sampler),
                                    num_images=self.num_images, batch_size=self.batch_size,
                                    guidance_scale=self.guidance_scale)
 
-    def due(self, trainer) -> bool:
+    def due(self, run) -> bool:
         """Whether to evaluate at this step: on the step cadence, at a newly crossed multiple of ``every_seconds``
         (``train_seconds`` is the same on every process, so is the answer), or at the last step with ``at_end``."""
-        crossed = int(trainer.train_seconds // self.every_seconds) if self.every_seconds else 0
+        crossed = int(run.train_seconds // self.every_seconds) if self.every_seconds else 0
         newly_crossed, self.seconds_crossed = crossed > self.seconds_crossed, crossed
-        return trainer.due(self.every) or newly_crossed or (self.at_end and trainer.last_step)
+        return run.due(self.every) or newly_crossed or (self.at_end and run.last_step)
 
-    def on_step_end(self, trainer) -> None:
-        if not self.due(trainer):
+    def on_step_end(self, run) -> None:
+        if not self.due(run):
             return
         measured = None
-        if trainer.is_main:
-            metrics, broken = self.evaluator(trainer.ema.model, trainer.schedule, trainer.objective)
+        if run.is_main:
+            metrics, broken = self.evaluator(run.ema.model, run.task.schedule, run.task.objective)
             measured = {f"eval/{key}": value for key, value in metrics.items() if value is not None}
-            log.info("evaluation at step %d: %s", trainer.step,
+            log.info("evaluation at step %d: %s", run.step,
                      "  ".join(f"{key[5:]} {value:.4g}" for key, value in measured.items()))
             if len(broken):
-                self.write_broken(trainer, broken)
+                self.write_broken(run, broken)
         measured = distributed.broadcast(measured)
-        trainer.log_metrics(measured)
+        run.log_metrics(measured)
         value = measured[f"eval/{self.metric}"]
         if beats(self.metric, value, self.best["value"] if self.best else None):
-            self.best = {"metric": self.metric, "value": value, "step": trainer.step}
-            state = trainer.state_dict()
-            if trainer.is_main:
-                path = save_checkpoint(state, trainer.run_dir / "checkpoints" / "best.pt")
+            self.best = {"metric": self.metric, "value": value, "step": run.step}
+            state = run.checkpoint_state()
+            if run.is_main:
+                path = save_checkpoint(state, run.run_dir / "checkpoints" / "best.pt")
                 log.info("best %s so far (%.4g): %s", self.metric, value, shown(path))
 
     @staticmethod
-    def write_broken(trainer, broken) -> None:
+    def write_broken(run, broken) -> None:
         """Write the worst broken samples of this step as a grid and send it to the tracker."""
-        path = save_grid(broken[:BROKEN_GRID_SIZE], trainer.run_dir / "samples" / f"broken_step_{trainer.step}.png")
-        trainer.logger.log_image("eval/broken", path, trainer.step)
-        log.info("%d broken samples at step %d, the worst: %s", len(broken), trainer.step, shown(path))
+        path = save_grid(broken[:BROKEN_GRID_SIZE], run.run_dir / "samples" / f"broken_step_{run.step}.png")
+        run.logger.log_image("eval/broken", path, run.step)
+        log.info("%d broken samples at step %d, the worst: %s", len(broken), run.step, shown(path))
 
     def summary(self) -> dict[str, Any]:
         if self.best is None:

@@ -23,24 +23,24 @@ class ProgressBar(Callback):
         self.enabled = enabled
         self.bar: tqdm | None = None
 
-    def on_fit_start(self, trainer) -> None:
+    def on_fit_start(self, run) -> None:
         show = sys.stderr.isatty() if self.enabled == "auto" else bool(self.enabled)
-        if not (show and trainer.is_main):
+        if not (show and run.is_main):
             return
         self.context = contextlib.ExitStack()
         self.context.enter_context(logging_redirect_tqdm())
         self.bar = self.context.enter_context(
-            tqdm(total=trainer.max_steps, initial=trainer.step, desc="train", dynamic_ncols=True))
+            tqdm(total=run.max_steps, initial=run.step, desc="train", dynamic_ncols=True))
 
-    def on_step_end(self, trainer) -> None:
+    def on_step_end(self, run) -> None:
         if self.bar is not None:
             self.bar.update(1)
 
-    def on_log(self, trainer, metrics) -> None:
+    def on_log(self, run, metrics) -> None:
         if self.bar is not None and "loss" in metrics:
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
 
-    def on_fit_end(self, trainer) -> None:
+    def on_fit_end(self, run) -> None:
         if self.bar is not None:
             self.context.close()
             self.bar = None

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from diffusion.engine.callbacks.base import Callback
-from diffusion.data.resize import area_downsample
+from diffusion.errors import ConfigError
 from diffusion.process.objectives import TrainingNoise
 
 log = logging.getLogger(__name__)
@@ -36,52 +36,48 @@ class ValidationLoss(Callback):
     def __init__(self, dataset, every: int = 500, num_images: int = 256, bins: int = 10, batch_size: int = 64,
                  seed: int = 0, weights: str = "raw") -> None:
         if bins < 1 or num_images < bins:
-            raise ValueError(f"callbacks.validation needs bins >= 1 and num_images >= bins, got {bins} and {num_images}")
+            raise ConfigError(f"callbacks.validation needs bins >= 1 and num_images >= bins, got {bins} and "
+                              f"{num_images}")
         self.dataset, self.every, self.bins, self.batch_size = dataset, every, bins, batch_size
         self.num_images, self.seed, self.weights = min(num_images, len(dataset)), seed, weights
         self.fixed: dict[str, torch.Tensor] | None = None
 
-    def on_fit_start(self, trainer) -> None:
+    def on_fit_start(self, run) -> None:
         """Gather the images and draw their timesteps and noise, once."""
-        if self.weights not in ("raw", "ema", *trainer.averages.by_name):
-            raise ValueError(f"callbacks.validation.weights={self.weights!r} is not kept by this run: choose raw, ema"
-                             f" or one of {', '.join(trainer.averages.by_name)}")
+        if self.weights not in ("raw", "ema", *run.averages.by_name):
+            raise ConfigError(f"callbacks.validation.weights={self.weights!r} is not kept by this run: choose raw, ema"
+                             f" or one of {', '.join(run.averages.by_name)}")
         items = [self.dataset[i] for i in range(self.num_images)]
         images = torch.stack([image for image, _ in items])
         bins = torch.arange(self.num_images) % self.bins
-        edges = torch.linspace(0, trainer.schedule.num_timesteps, self.bins + 1)
-        t = ((edges[bins] + edges[bins + 1]) / 2).long().clamp(max=trainer.schedule.num_timesteps - 1)
+        edges = torch.linspace(0, run.task.schedule.num_timesteps, self.bins + 1)
+        t = ((edges[bins] + edges[bins + 1]) / 2).long().clamp(max=run.task.schedule.num_timesteps - 1)
         noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(self.seed))
-        labels = torch.as_tensor([label for _, label in items]) if trainer.model.num_classes else None
-        self.fixed = {"images": images, "t": t, "noise": noise, "bins": bins, "labels": labels, "low_res": None}
-        if low_resolution := getattr(trainer.model, "low_resolution", None):  # a super-resolution stage: pairs
-            self.fixed["low_res"] = area_downsample(images, low_resolution)
+        labels = torch.as_tensor([label for _, label in items]) if run.model.num_classes else None
+        self.fixed = {"images": images, "t": t, "noise": noise, "bins": bins, "labels": labels}
 
-    def on_step_end(self, trainer) -> None:
-        if trainer.due(self.every):
-            metrics = self.measure(trainer)
-            trainer.log_metrics(metrics)
-            if trainer.is_main:
-                log.info("step %d/%d  val/loss %.4f (%s weights, %d held-out images)", trainer.step, trainer.max_steps,
+    def on_step_end(self, run) -> None:
+        if run.due(self.every):
+            metrics = self.measure(run)
+            run.log_metrics(metrics)
+            if run.is_main:
+                log.info("step %d/%d  val/loss %.4f (%s weights, %d held-out images)", run.step, run.max_steps,
                          metrics["val/loss"], self.weights, self.num_images)
 
     @torch.no_grad()
-    def measure(self, trainer) -> dict[str, float]:
+    def measure(self, run) -> dict[str, float]:
         """``val/loss`` and the loss of each timestep bin, at the current weights."""
-        model = {"raw": trainer.model, "ema": trainer.ema.model}.get(self.weights) or trainer.averages[self.weights].model
+        model = {"raw": run.model, "ema": run.ema.model}.get(self.weights) or run.averages[self.weights].model
         was_training = model.training
         model.eval()
         fixed, losses = self.fixed, []
         try:
             for start in range(0, self.num_images, self.batch_size):
                 rows = slice(start, start + self.batch_size)
-                draws = TrainingNoise(fixed["t"][rows].to(trainer.device), fixed["noise"][rows].to(trainer.device), None)
-                labels = None if fixed["labels"] is None else fixed["labels"][rows].to(trainer.device)
-                images = fixed["images"][rows].to(trainer.device)
-                inputs = {} if fixed["low_res"] is None else {
-                    "model_inputs": {"low_res": fixed["low_res"][rows].to(trainer.device)}}
-                losses.append(trainer.objective.loss(model, trainer.schedule, images, class_labels=labels, draws=draws,
-                                                     **inputs).float().cpu())
+                draws = TrainingNoise(fixed["t"][rows].to(run.device), fixed["noise"][rows].to(run.device), None)
+                labels = None if fixed["labels"] is None else fixed["labels"][rows].to(run.device)
+                images = fixed["images"][rows].to(run.device)
+                losses.append(run.task.validation_loss(model, images, labels, draws).float().cpu())
         finally:
             model.train(was_training)
         per_image = torch.cat(losses)
