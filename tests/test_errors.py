@@ -1,6 +1,7 @@
 """A user's mistake ends a command with one line that names the fix and a documented exit code, no traceback; a bug
 keeps its traceback and exits with 1."""
 
+import json
 import os
 import pathlib
 import re
@@ -28,7 +29,7 @@ from diffusion.errors import (
     message_of,
     reported_errors,
 )
-from tests.conftest import cli, compose_config, smoke_overrides
+from tests.conftest import REPO, cli, compose_config, smoke_overrides
 
 
 @pytest.fixture(scope="module")
@@ -103,17 +104,47 @@ CASES += [  # a GPU asked for where there is none (a crash with PyTorch's "no NV
 ]
 
 
+@pytest.fixture(scope="module")
+def mistakes(files, tmp_path_factory) -> list[dict]:
+    """Every case's command, exit code and output, all run in one process (one import of torch, not one per case)."""
+    cwd = tmp_path_factory.mktemp("mistakes")
+    cases = [[command, [*(a.format(**files) for a in args), f"paths.runs_dir={cwd / 'runs' / str(i)}"]]
+             for i, (command, args, _) in enumerate(getattr(case, "values", case) for case in CASES)]
+    (cwd / "cases.json").write_text(json.dumps(cases))
+    subprocess.run([sys.executable, "-m", "tests.commands_in_one_process", "cases.json", "results.json"], cwd=cwd,
+                   check=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"})
+    return json.loads((cwd / "results.json").read_text())
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("command, args, message", CASES,
+@pytest.mark.parametrize("index", [pytest.param(i, marks=getattr(case, "marks", ())) for i, case in enumerate(CASES)],
                          ids=[f"{c}-{'-'.join(a)[:40]}" for c, a, _ in (getattr(x, "values", x) for x in CASES)])
-def test_a_mistake_prints_one_line_naming_the_fix_and_exits_2(files, tmp_path, command, args, message):
-    result = cli(command, *[a.format(**files) for a in args], f"paths.runs_dir={tmp_path / 'runs'}", cwd=tmp_path,
-                 check=False)
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output
+def test_a_mistake_prints_one_line_naming_the_fix_and_exits_2(mistakes, index):
+    command, _, message = getattr(CASES[index], "values", CASES[index])
+    returncode, output = mistakes[index]["returncode"], mistakes[index]["output"]
+    assert returncode == 2, output
     assert "Traceback" not in output
     errors = [line for line in output.splitlines() if "[ERROR]" in line]
     assert len(errors) == 1 and re.search(f"diffusion-{command}: .*{message}", errors[0]), output
+
+
+@pytest.mark.slow
+def test_commands_run_in_one_process_end_as_their_own_processes_do(files, tmp_path):
+    """The batch above stands for the console scripts: a mistake and a success end the same in both."""
+    cases = [["sample", [f"checkpoint={files['conditional']}", "class_label=eleven", "paths.runs_dir=a"]],
+             ["sample", [f"checkpoint={files['conditional']}", "num_images=2", "sampler.steps=2", "paths.runs_dir=b"]]]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    subprocess.run([sys.executable, "-m", "tests.commands_in_one_process", "cases.json", "results.json"],
+                   cwd=tmp_path, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    batched = json.loads((tmp_path / "results.json").read_text())
+    (tmp_path / "alone").mkdir()
+    for (command, args), in_batch in zip(cases, batched):
+        alone = cli(command, *args, cwd=tmp_path / "alone", check=False)
+        assert in_batch["returncode"] == alone.returncode
+        assert [line.split("] - ", 1)[-1] for line in in_batch["output"].splitlines() if "[ERROR]" in line] == \
+               [line.split("] - ", 1)[-1] for line in (alone.stdout + alone.stderr).splitlines() if "[ERROR]" in line]
+    assert [result["returncode"] for result in batched] == [2, 0]
+    assert [len(list((folder / "b").glob("sample/*/grid.png"))) for folder in (tmp_path, tmp_path / "alone")] == [1, 1]
 
 
 def test_a_bad_config_choice_is_named_by_hydra_with_the_choices_and_exits_1(tmp_path):
