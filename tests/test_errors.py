@@ -110,6 +110,11 @@ def mistakes(files, tmp_path_factory) -> list[dict]:
     cwd = tmp_path_factory.mktemp("mistakes")
     cases = [[command, [*(a.format(**files) for a in args), f"paths.runs_dir={cwd / 'runs' / str(i)}"]]
              for i, (command, args, _) in enumerate(getattr(case, "values", case) for case in CASES)]
+    return in_one_process(cases, cwd)
+
+
+def in_one_process(cases: list, cwd) -> list[dict]:
+    """``tests.commands_in_one_process`` on ``cases``: each command's exit code and output."""
     (cwd / "cases.json").write_text(json.dumps(cases))
     subprocess.run([sys.executable, "-m", "tests.commands_in_one_process", "cases.json", "results.json"], cwd=cwd,
                    check=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"})
@@ -133,10 +138,7 @@ def test_commands_run_in_one_process_end_as_their_own_processes_do(files, tmp_pa
     """The batch above stands for the console scripts: a mistake and a success end the same in both."""
     cases = [["sample", [f"checkpoint={files['conditional']}", "class_label=eleven", "paths.runs_dir=a"]],
              ["sample", [f"checkpoint={files['conditional']}", "num_images=2", "sampler.steps=2", "paths.runs_dir=b"]]]
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    subprocess.run([sys.executable, "-m", "tests.commands_in_one_process", "cases.json", "results.json"],
-                   cwd=tmp_path, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    batched = json.loads((tmp_path / "results.json").read_text())
+    batched = in_one_process(cases, tmp_path)
     (tmp_path / "alone").mkdir()
     for (command, args), in_batch in zip(cases, batched):
         alone = cli(command, *args, cwd=tmp_path / "alone", check=False)

@@ -102,6 +102,11 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.diverged: str | None = None  # why the run stopped after too many of them in a row
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """The network trained: the task's."""
+        return self.task.model
+
     # --- the run --------------------------------------------------------------------------------
 
     def fit(self, task: DiffusionTask, dataset: Dataset, output: RunOutput | str | Path,
@@ -149,7 +154,6 @@ class Trainer:
         self.task, self.dataset, self.output = task.to(self.device), dataset, output
         self.data = TrainingData(task.training_data(dataset), self.batch_size, self.num_workers, self.seed,
                                  self.device.type == "cuda", self.world.rank, self.world.size)
-        self.model = task.model
         self.callbacks = dict(sorted((callbacks or {}).items(), key=lambda item: item[1].order))  # stable: config order
         self.view = RunView(self)
         self.network = distributed.wrap(self.model, self.device)  # what the forward pass runs: DDP or the model
