@@ -3,6 +3,7 @@ of FD against training seconds with each recipe's time to a target FD."""
 
 import json
 import logging
+import math
 
 import pytest
 import yaml
@@ -16,6 +17,7 @@ from diffusion.engine.checkpoint import load_checkpoint
 from diffusion.engine.trainer import Trainer
 from diffusion.reports.sweep_report import SweepReport
 from diffusion.reports.tables import time_to_target
+from diffusion.weights.averages import WeightAverages
 from tests.conftest import cli, compose_config, smoke_overrides
 
 EXPERIMENTS = ["digits_ddpm", "digits_min_snr", "digits_v_cosine", "digits_edm", "digits"]
@@ -89,6 +91,56 @@ def test_under_a_time_budget_the_eta_counts_to_the_budget_not_to_max_steps(tmp_p
     assert remaining_seconds(10.0, 100, 900, 8.0, train_seconds_left=4.0) == 5.0
     assert remaining_seconds(10.0, 100, 10, 8.0, train_seconds_left=400.0) == 1.0
     assert remaining_seconds(10.0, 100, 900, 8.0, train_seconds_left=-1.0) == 0.0
+
+
+def warmup_cosine(position: int, warmup: int, total: int) -> float:
+    """The factor of the base rate at a schedule position: linear warm-up, then a cosine to zero at ``total``."""
+    if position < warmup:
+        return (position + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (position - warmup) / (total - warmup))))
+
+
+BUDGETED = {"trainer.max_steps": 100, "lr_scheduler": "warmup_cosine", "lr_scheduler.warmup_steps": 20,
+            "optimizer.lr": 1e-3, **QUIET, "callbacks.metrics.every": 1}
+
+
+def test_a_budgeted_run_warms_up_and_anneals_within_its_budget(tmp_path, monkeypatch):
+    each_step_takes(0.5, monkeypatch)
+    result = train(compose_config("train", smoke_overrides(**BUDGETED, **{"trainer.max_train_seconds": 5}), tmp_path))
+    # 10 steps of 0.5 s fill the budget: after step k the schedule stands at 10 k of its 100 (k/10 of the budget),
+    # so step k + 1 learns at the rate of position 10 k: warm-up over the first 2 steps, the cosine's end at step 10
+    assert result["step"] == 10
+    expected = [1e-3 * warmup_cosine(10 * k, 20, 100) for k in range(10)]
+    assert [r["lr"] for r in lines(tmp_path)] == pytest.approx(expected, rel=1e-9)
+    assert expected[1] == pytest.approx(1e-3 * 11 / 20) and expected[-1] < 0.05 * 1e-3
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["lr_scheduler"]["last_epoch"] == 100 and state["optimizer"]["param_groups"][0]["lr"] == 0.0
+
+
+def test_a_budgeted_run_given_more_time_continues_on_the_schedule_of_its_new_budget(tmp_path, monkeypatch):
+    each_step_takes(0.5, monkeypatch)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train(compose_config("train", smoke_overrides(**BUDGETED, **{"trainer.max_train_seconds": 8}), whole))
+    short = smoke_overrides(**BUDGETED, **{"trainer.max_train_seconds": 4})
+    train(compose_config("train", short, resumed))
+    train(compose_config("train", [*short, "trainer.max_train_seconds=8", f"resume={resumed}"], resumed))
+    # stopped at 4 s, then given 8: from step 9 on, the rates of a run that had 8 s from the start
+    assert [r["step"] for r in lines(resumed)] == list(range(1, 17))
+    assert [r["lr"] for r in lines(resumed)][8:] == pytest.approx([r["lr"] for r in lines(whole)][8:], rel=1e-9)
+    assert [r["lr"] for r in lines(resumed)][8] == pytest.approx(1e-3 * warmup_cosine(50, 20, 100), rel=1e-9)
+
+
+def test_the_training_time_counts_the_updates_of_the_weight_averages(tmp_path, monkeypatch):
+    each_step_takes(0.5, monkeypatch)
+    clock, update = diffusion.engine.trainer.time, WeightAverages.update
+
+    def slow_update(self, model, step):  # the averages' share of each step: 0.25 s by the trainer's clock
+        clock.now += 0.25
+        return update(self, model, step)
+
+    monkeypatch.setattr(WeightAverages, "update", slow_update)
+    result = train(compose_config("train", smoke_overrides(**QUIET), tmp_path))
+    assert result["step"] == 4 and result["train_seconds"] == 3.0
 
 
 @pytest.mark.slow

@@ -319,7 +319,10 @@ def restore_training(trainer: Trainer, state: dict) -> None:
     trainer.data.load_state_dict(state)
     trainer.skipped_steps = state.get("skipped_steps", 0)
     trainer.train_seconds = state.get("train_seconds", 0.0)  # format 2 did not keep it
-    if changed := restore_lr_scheduler(trainer.lr_scheduler, state["lr_scheduler"], trainer.step):
+    # without SWA's rate the schedule stands where the steps and the time budget put it (trainer.schedule_position)
+    position = trainer.schedule_position()
+    if changed := restore_lr_scheduler(trainer.lr_scheduler, state["lr_scheduler"], position,
+                                       at_steps=trainer.swa_lr is None):
         log.warning("the learning-rate schedule changed since the checkpoint (%s): it now follows the new settings "
                     "from step 0, so at step %d the learning rate is %.3g", described(changed), trainer.step,
                     trainer.optimizer.param_groups[0]["lr"])

@@ -67,18 +67,21 @@ def comparable(value):
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def restore_lr_scheduler(scheduler: LRScheduler, saved: dict, steps: int) -> dict[str, tuple]:
+def restore_lr_scheduler(scheduler: LRScheduler, saved: dict, steps: int, at_steps: bool = False) -> dict[str, tuple]:
     """Continue a learning-rate schedule from a checkpoint, keeping the settings the run is resumed with.
 
     When the saved settings equal the new ones, the saved state is loaded as it is. When they differ (a
     resumed run given a new ``trainer.max_steps`` moves ``total_steps`` or ``T_max``, a new ``optimizer.lr`` its
-    ``base_lrs``), the new schedule is
-    replayed from step 0 to ``steps``: the run continues on the schedule it would have followed had it been
-    started with the new settings. Returns the changed settings as ``{name: (saved, new)}``.
+    ``base_lrs``), or with ``at_steps`` the saved schedule stands elsewhere than ``steps`` (a new time budget moves
+    the position of a budgeted run), the new schedule is replayed from step 0 to ``steps``: the run continues on the
+    schedule it would have followed had it been started with the new settings. Returns the changed settings as
+    ``{name: (saved, new)}`` (a moved position as ``last_epoch``).
     """
     fresh = scheduler.state_dict()
     changed = {key: (saved.get(key), value) for key, value in fresh.items()
                if key not in PROGRESS_KEYS and saved.get(key) != value}
+    if at_steps and saved.get("last_epoch") != steps:
+        changed["last_epoch"] = (saved.get("last_epoch"), steps)
     if not changed:
         scheduler.load_state_dict(saved)
         return {}

@@ -39,7 +39,8 @@ class Trainer:
     Args:
         max_steps: optimizer steps to train for (epochs are counted, not configured).
         max_train_seconds: also end the run at the step whose training time (``train_seconds``) reaches this
-            (null: no limit); the learning-rate schedule still spans ``max_steps``.
+            (null: no limit); the learning-rate schedule then runs on the share of the budget used, so it warms up
+            and anneals within the budget (``schedule_position``).
         batch_size: images per micro-batch over all processes together (each process takes
             ``batch_size / world_size``); one optimizer step sees ``batch_size * accumulation_steps`` images.
         accumulation_steps: micro-batches whose gradients are summed before each optimizer step.
@@ -179,11 +180,12 @@ class Trainer:
                 return
             start = time.perf_counter()
             self.loss, self.grad_norm, finite = self.train_step(batches)
-            self.train_seconds = distributed.largest_seconds(self.train_seconds + time.perf_counter() - start)
             self.step += 1
+            self.averages.update(self.model, self.step)  # part of the step's work, so of its training time
+            self.train_seconds = distributed.largest_seconds(self.train_seconds + time.perf_counter() - start)
+            self.advance_lr_schedule()
             self.last_step = self.step >= self.max_steps or self.out_of_time()
             self.count_nonfinite(finite)
-            self.averages.update(self.model, self.step)
             self.call("on_step_end")
             if self.pending:
                 logged, self.pending = {**self.pending, "train_seconds": self.train_seconds}, {}
@@ -215,11 +217,24 @@ class Trainer:
             self.scaler.step(self.optimizer)  # fp16: the scaler skips a non-finite step itself and lowers its scale
             self.scaler.update()
         self.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used, before the schedule moves on
-        if self.swa_lr is not None:
-            self.swa_lr.step(self.optimizer, self.lr_scheduler, self.step + 2)
-        else:
-            self.lr_scheduler.step()
         return total, grad_norm, finite
+
+    def schedule_position(self) -> int:
+        """Where the learning-rate schedule stands after ``step`` steps: at ``step``, or under a time budget at the
+        larger of the steps and the used share of the budget in steps (``train_seconds / max_train_seconds *
+        max_steps``), so a run warms up and anneals within whichever of the two ends it."""
+        if self.max_train_seconds is None:
+            return self.step
+        return min(self.max_steps, max(self.step, int(self.train_seconds / self.max_train_seconds * self.max_steps)))
+
+    def advance_lr_schedule(self) -> None:
+        """Set the learning rate of the next step: SWA's from its start, else the schedule moved on to
+        ``schedule_position`` (one scheduler step per optimizer step without a time budget)."""
+        if self.swa_lr is not None:
+            self.swa_lr.step(self.optimizer, self.lr_scheduler, self.step + 1)
+            return
+        for _ in range(self.schedule_position() - self.lr_scheduler.last_epoch):
+            self.lr_scheduler.step()
 
     def out_of_time(self) -> bool:
         """Whether the training time has reached ``max_train_seconds`` (the same answer on every process)."""
