@@ -1,6 +1,7 @@
 """The CUDA paths on one GPU, run by ``pytest -m gpu`` (and skipped, saying why, where PyTorch sees no GPU): mixed
 precision with its gradient scaler and a skipped step, channels-last and compiled steps against eager ones,
-one-process NCCL DDP against no DDP, a CUDA checkpoint resumed on the CPU, and GPU samples against CPU ones.
+one-process NCCL DDP against no DDP, a CUDA checkpoint resumed on the CPU, GPU samples against CPU ones, and
+non-leaky augmentation on the GPU against the CPU.
 
 Tiny models and few steps; ``python -m diffusion.bench.gpu_check`` measures the speed of the same paths.
 """
@@ -17,6 +18,7 @@ from PIL import Image
 
 from diffusion.cli.sample import sample
 from diffusion.cli.train import train
+from diffusion.data.augment import NonLeakyAugment
 from diffusion.engine.checkpoint import load_checkpoint
 from diffusion.process.generate import generate
 from diffusion.weights.trained_model import load_trained
@@ -167,3 +169,21 @@ def test_samples_drawn_on_the_gpu_match_those_drawn_on_the_cpu(tmp_path, trained
     written = np.stack([np.asarray(Image.open(path), dtype=np.float64) for path in paths])
     exact = (images["cpu"][:, 0].numpy().astype(np.float64) + 1) * 127.5  # PNGs round [-1, 1] to 0..255
     assert np.abs(written - exact).max() <= 0.5 + 127.5 * 5e-4
+
+
+def test_non_leaky_augmentation_on_the_gpu_moves_the_pixels_as_on_the_cpu():
+    """CUDA's generator draws other numbers than the CPU's from the same seed, so the parameters are drawn once on the
+    CPU and applied on both devices: flips, quarter turns and shifts only move pixels (equal bit for bit), the zoom
+    interpolates (equal up to fp32 rounding). Drawn on the GPU, a process's rows are still the whole batch's."""
+    augment = NonLeakyAugment(probability=0.5)
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    parameters = augment.draw(64, 32, "cpu", torch.Generator().manual_seed(1))
+    on_cpu = augment.apply(x, parameters)
+    on_gpu = augment.apply(x.cuda(), parameters.to("cuda")).cpu()
+    unzoomed = parameters.log2_scale == 0
+    assert 10 < unzoomed.sum() < 54 and torch.equal(on_gpu[unzoomed], on_cpu[unzoomed])
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-5, atol=1e-5)
+    full = augment(x.cuda(), torch.Generator("cuda").manual_seed(2))
+    part = augment(x[32:].cuda(), torch.Generator("cuda").manual_seed(2), slice(32, 64), batch_size=64)
+    assert full[0].device.type == full[1].device.type == "cuda" and full[1].ne(0).any(1).sum() > 32
+    assert torch.equal(part[0], full[0][32:]) and torch.equal(part[1], full[1][32:])

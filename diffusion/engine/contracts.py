@@ -1,7 +1,7 @@
 """What the engine needs from a network and a data set, as Protocols checked when a run is built.
 
 A user's own class needs no base class: it has what the Protocol lists. ``check_contract`` names what one lacks.
-Optional capabilities are Protocols of their own (``SuperResolutionModel``, ``FileBackedDataset``,
+Optional capabilities are Protocols of their own (``SuperResolutionModel``, ``AugmentableModel``, ``FileBackedDataset``,
 ``LabelledDataset``, ``SplitDataset``, ``BatchedDataset``), declared by having their members and recognised with
 ``isinstance``.
 """
@@ -53,6 +53,18 @@ class SuperResolutionModel(DiffusionModel, Protocol):
 
     def sampling_inputs(self, low_res: torch.Tensor, aug_level: float = 0.0,
                         noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class AugmentableModel(DiffusionModel, Protocol):
+    """A network that can be told how its training images were augmented (optional capability): ``augment_dim``
+    numbers per image, ``augment_labels=``, None at sampling (non-leaky augmentation, Karras et al. 2022, EDM,
+    Appendix C.4). ``augment_dim`` 0: it takes none."""
+
+    augment_dim: int
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
+                 augment_labels: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 @runtime_checkable

@@ -16,9 +16,16 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from diffusion.data import LowResolutionPairs, random_hflip
+from diffusion.data.augment import NonLeakyAugment
 from diffusion.data.resize import area_downsample
 from diffusion.engine import distributed
-from diffusion.engine.contracts import DiffusionModel, ImageDataset, SuperResolutionModel, check_contract
+from diffusion.engine.contracts import (
+    AugmentableModel,
+    DiffusionModel,
+    ImageDataset,
+    SuperResolutionModel,
+    check_contract,
+)
 from diffusion.errors import ConfigError
 from diffusion.process.objectives import Objective, TrainingNoise
 from diffusion.process.schedules import NoiseSchedule, far_from_noise
@@ -38,7 +45,8 @@ class SharedRandomness:
 
 class DiffusionTask:
     """A denoiser trained on a data set's images: the objective's loss at random timesteps and noise (DDPM
-    Algorithm 1, with any schedule and objective), on images mirrored at random when the data set asks for it.
+    Algorithm 1, with any schedule and objective), on images mirrored at random when the data set asks for it, and
+    augmented non-leakily when ``augment`` is on (the network told how, Karras et al. 2022, EDM, Appendix C.4).
 
     Built by Hydra from ``conf/task/diffusion.yaml`` (a partial), then given the run's components.
 
@@ -48,14 +56,20 @@ class DiffusionTask:
         objective: what the network predicts and the loss.
         optimizer: a partial optimizer (the ``optimizer`` config group), given the model's parameters.
         lr_scheduler: a partial learning-rate scheduler (the ``lr_scheduler`` config group), given the optimizer.
+        augment: non-leaky augmentation (``task.augment``); None or probability 0: none. The model's
+            ``augment_dim`` must equal its ``dim``.
     """
 
     def __init__(self, model: nn.Module, schedule: NoiseSchedule, objective: Objective,
                  optimizer: Callable[..., torch.optim.Optimizer],
-                 lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler]) -> None:
+                 lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler],
+                 augment: NonLeakyAugment | None = None) -> None:
         check_contract(model, DiffusionModel, "model")
         self.check_model(model)
         objective.check_schedule(schedule)
+        self.augment = augment if augment is not None and augment.enabled else None
+        if self.augment is not None:
+            self.check_augment(model, self.augment)
         self.model, self.schedule, self.objective = model, schedule, objective
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.random_flip = False
@@ -65,6 +79,18 @@ class DiffusionTask:
         if isinstance(model, SuperResolutionModel):
             raise ConfigError(f"model {type(model).__name__} is a super-resolution stage: it trains on pairs of images "
                               "with task=super_resolution")
+
+    def check_augment(self, model: nn.Module, augment: NonLeakyAugment) -> None:
+        """Refuse a network that cannot be told ``augment``'s labels, naming the setting that fixes it."""
+        labels = ", ".join(augment.columns)
+        fix = f"model.augment_dim={augment.dim} (its labels: {labels}) or task.augment.probability=0"
+        if not isinstance(model, AugmentableModel):
+            raise ConfigError(f"task.augment.probability={augment.probability} needs a network that takes augmentation "
+                              f"labels, and model {type(model).__name__} has no augment_dim: choose a UNet model "
+                              f"(model=unet_tiny, unet_small...) with {fix}")
+        if model.augment_dim != augment.dim:
+            raise ConfigError(f"task.augment gives the network {augment.dim} augmentation labels per image, and "
+                              f"model.augment_dim is {model.augment_dim}: set {fix}")
 
     @property
     def conditional(self) -> bool:
@@ -91,14 +117,16 @@ class DiffusionTask:
         return optimizer, self.lr_scheduler(optimizer=optimizer)
 
     def loss(self, network: nn.Module, batch: Sequence[torch.Tensor], random: SharedRandomness) -> torch.Tensor:
-        """The loss of each image of this process's share of a batch (on the device): flips, then timesteps, noise
-        and dropped labels, in that order from the shared generator."""
+        """The loss of each image of this process's share of a batch (on the device): flips, augmentation, then
+        timesteps, noise and dropped labels, in that order from the shared generator."""
         images, labels, inputs = self.unpack(batch)
         if self.random_flip:  # a pair's halves are mirrored together
             flipped = random_hflip(images, random.generator, random.rows, random.batch_size,
                                    also=tuple(inputs.values()))
             images, *others = flipped if inputs else (flipped,)
             inputs = dict(zip(inputs, others))
+        if self.augment is not None:  # non-leaky: the network is told each image's augmentation
+            images, inputs["augment_labels"] = self.augment(images, random.generator, random.rows, random.batch_size)
         draws = self.objective.draw(self.schedule, (random.batch_size, *images.shape[1:]), images.device,
                                     random.generator, labels is not None)
         return self.objective.loss(network, self.schedule, images, class_labels=labels, draws=draws.rows(random.rows),
@@ -129,6 +157,11 @@ class SuperResolutionTask(DiffusionTask):
     stage's ``low_resolution``, which the network sees noised at a random augmentation level (Ho et al. 2022,
     "Cascaded Diffusion Models", Sec. 3.2; Saharia et al. 2022, Sec. 2.5). Images and their low-resolution halves
     are mirrored together."""
+
+    def check_augment(self, model: nn.Module, augment: NonLeakyAugment) -> None:
+        raise ConfigError(f"task=super_resolution does not augment non-leakily (the low-resolution input would have to "
+                          f"be transformed alike, and the stage takes no augmentation labels): remove task.augment "
+                          f"(probability {augment.probability}) or train a base model with task=diffusion")
 
     def check_model(self, model: nn.Module) -> None:
         if not isinstance(model, SuperResolutionModel):

@@ -39,10 +39,13 @@ class SuperResolutionUNet(UNet):
     Args:
         low_resolution: side of the low-resolution input (it must divide ``image_size``).
         max_augmentation: the largest augmentation level drawn in training.
-        **unet: the UNet's arguments (``cond_channels`` is set to ``in_channels``).
+        **unet: the UNet's arguments (``cond_channels`` is set to ``in_channels``; ``augment_dim`` must stay 0).
     """
 
     def __init__(self, low_resolution: int = 16, max_augmentation: float = 0.5, **unet) -> None:
+        if unet.get("augment_dim"):  # its forward takes no augment_labels, and task=super_resolution refuses them
+            raise ConfigError(f"model.augment_dim={unet['augment_dim']}: a super-resolution stage takes no "
+                              "augmentation labels; set model.augment_dim=0")
         unet["cond_channels"] = unet.get("in_channels", 3)
         super().__init__(**unet)
         if low_resolution < 1 or self.image_size % low_resolution or low_resolution >= self.image_size:

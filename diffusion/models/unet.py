@@ -46,6 +46,9 @@ class UNet(nn.Module):
             channels of one feature-map position (pixel unshuffle) and the output is shuffled back, so every level
             runs at 1/p of the image's side and costs about 1/p^2 as much (the patching of Peebles & Xie 2023, DiT;
             the downsampling before the first level of Hoogeboom et al. 2023, simple diffusion). 1: no patches.
+        augment_dim: length of the ``augment_labels`` of non-leaky augmentation (``task.augment``), mapped by a
+            bias-free linear layer into the conditioning embedding (EDM's ``map_augment``, Karras et al. 2022,
+            Appendix C.4); 0: none, and the network has exactly the parameters it had before this option.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class UNet(nn.Module):
         cond_channels: int = 0,
         channels_last: bool = True,
         patch_size: int = 1,
+        augment_dim: int = 0,
     ) -> None:
         super().__init__()
         channel_mult = tuple(channel_mult)
@@ -76,6 +80,9 @@ class UNet(nn.Module):
         if not isinstance(patch_size, int) or patch_size < 1:
             raise ConfigError(f"model.patch_size must be a whole number of pixels, at least 1, got {patch_size!r}")
         self.patch_size = patch_size
+        if not isinstance(augment_dim, int) or augment_dim < 0:
+            raise ConfigError(f"model.augment_dim must be a whole number, at least 0, got {augment_dim!r}")
+        self.augment_dim = augment_dim
         self.downsampling_factor = patch_size * 2 ** (len(channel_mult) - 1)
         self.check_image_size(image_size, image_size)
         sides = [image_size // patch_size // 2**i for i in range(len(channel_mult))]
@@ -136,6 +143,8 @@ class UNet(nn.Module):
             group_norm(channels, norm_groups), nn.SiLU(),
             zero_init(nn.Conv2d(channels, self.out_channels * patch_size**2, 3, padding=1)),
         )
+        # made last, so the other layers start from the same random weights with or without it
+        self.augment_embed = nn.Linear(augment_dim, emb_dim, bias=False) if augment_dim else None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
 
@@ -156,13 +165,22 @@ class UNet(nn.Module):
         """The "no class" label of a class-conditional model (the embedding's last row), else ``None``."""
         return self.num_classes
 
-    def embed(self, t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        """The conditioning vector: time embedding, plus the class embedding for conditional models."""
+    def embed(self, t: torch.Tensor, class_labels: torch.Tensor | None,
+              augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The conditioning vector: time embedding, plus the class embedding for conditional models, plus the
+        augmentation labels' embedding for a model with ``augment_dim`` (no labels: zeros, no augmentation)."""
         emb = self.time_mlp(self.time_embed_dropout(sinusoidal_embedding(t, self.time_dim)))
         if self.class_embed is not None:
             if class_labels is None:
                 class_labels = torch.full_like(t, self.null_label, dtype=torch.long)
             emb = emb + self.class_embed(class_labels)
+        if self.augment_embed is not None:  # zeros still pass through the layer, so DDP sees it used
+            if augment_labels is None:
+                augment_labels = emb.new_zeros(emb.shape[0], self.augment_dim)
+            emb = emb + self.augment_embed(augment_labels.to(emb.dtype))
+        elif augment_labels is not None:
+            raise ConfigError(f"this {type(self).__name__} takes no augmentation labels (model.augment_dim=0): set "
+                              f"model.augment_dim={augment_labels.shape[-1]} or task.augment.probability=0")
         return emb
 
     def forward(
@@ -172,13 +190,15 @@ class UNet(nn.Module):
         class_labels: torch.Tensor | None = None,
         x_cond: torch.Tensor | None = None,
         extra_embedding: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict from the noisy image ``x`` at timesteps ``t`` (one per image); ``x_cond`` (``cond_channels``)
-        is concatenated to it, ``extra_embedding`` added to the time embedding."""
+        is concatenated to it, ``extra_embedding`` added to the time embedding; ``augment_labels`` (N,
+        ``augment_dim``) say how each image was augmented (None: not at all, as at sampling)."""
         self.check_image_size(x.shape[-2], x.shape[-1])
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        emb = self.embed(t, class_labels)
+        emb = self.embed(t, class_labels, augment_labels)
         if extra_embedding is not None:
             emb = emb + extra_embedding
         if self.cond_channels:
