@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 import torch
@@ -75,6 +76,22 @@ def train(cfg: DictConfig) -> dict:
     return result
 
 
+def with_recipe(cfg: DictConfig) -> DictConfig:
+    """The config composed again with the choices of ``cfg.recipe`` (derived from the data) before the command
+    line's overrides; the run's ``.hydra/config.yaml`` is rewritten to hold them."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    from diffusion.engine.recipe import apply_recipe
+
+    job = HydraConfig.get()
+    cfg = apply_recipe(cfg, list(job.overrides.task),
+                       lambda overrides: compose(config_name=job.job.config_name, overrides=overrides))
+    if job.output_subdir is not None and distributed.current_world().is_main:
+        (Path(job.runtime.output_dir) / job.output_subdir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    return cfg
+
+
 def quiet_other_ranks(world: distributed.World) -> None:
     """Only rank 0 writes ``train.log`` and prints progress; the other processes print warnings and errors."""
     if world.is_main:
@@ -100,6 +117,8 @@ def run(cfg: DictConfig) -> float | None:
     """The Hydra task: train, then return ``optimized_metric`` for sweepers."""
     sys.stdout.reconfigure(line_buffering=True)  # whole log lines reach files and pipes as they happen
     with reported_errors("diffusion-train"):
+        if cfg.get("recipe") is not None:
+            cfg = with_recipe(cfg)
         result = train(cfg)
     if result["stopped_by_signal"] is not None:
         sys.exit(128 + result["stopped_by_signal"])

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from diffusion.data.resize import area_downsample, check_downsample_from
 from diffusion.data.tensor import TensorImageDataset
@@ -63,3 +65,25 @@ class DigitsDataset(TensorImageDataset):
         if self.downsample_from:
             served["downsample_from"] = self.downsample_from
         return hashlib.sha256(json.dumps(served, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_digits_folder(root: str | Path, image_size: int = 32, split: str = "train") -> int:
+    """Write a split of the digits as grayscale PNGs in one folder per class (``root/<digit>/<index>.png``): a
+    user's image folder, for trying ``experiment=folder``. Returns the number of images written."""
+    digits = DigitsDataset(image_size=image_size, split=split)
+    for index in range(len(digits)):
+        image, label = digits[index]
+        path = Path(root) / str(label) / f"{index:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(((image[0] + 1) * 127.5).round().clamp(0, 255).byte().numpy(), "L").save(path)
+    return len(digits)
+
+
+if __name__ == "__main__":  # python -m diffusion.data.digits FOLDER [IMAGE_SIZE [SPLIT]]
+    import sys
+
+    args = sys.argv[1:]
+    if not 1 <= len(args) <= 3:
+        sys.exit("usage: python -m diffusion.data.digits FOLDER [IMAGE_SIZE (32)] [SPLIT (train)]")
+    size, part = int(args[1]) if len(args) > 1 else 32, args[2] if len(args) > 2 else "train"
+    print(f"wrote {write_digits_folder(args[0], size, part)} {size}x{size} digits of the {part} split into {args[0]}")
