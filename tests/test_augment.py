@@ -251,3 +251,16 @@ def test_a_run_with_augmentation_resumes_as_if_uninterrupted(tmp_path, monkeypat
     assert "augment_dim: 6" in straight["config"] and "probability: 0.5" in straight["config"]
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_a_network_trained_without_augmentation_is_fine_tuned_with_it_from_the_same_function(tmp_path):
+    base = smoke_overrides(**{"trainer.max_steps": 2, "callbacks.sample_grid.every": 0})
+    train(compose_config("train", base, tmp_path / "plain"))
+    plain = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.pt")
+    tuned = [*base, "task.augment.probability=0.5", "model.augment_dim=6", "trainer.max_steps=1", "optimizer.lr=0",
+             f"init_from={tmp_path / 'plain' / 'checkpoints' / 'last.pt'}"]
+    train(compose_config("train", tuned, tmp_path / "tuned"))
+    state = load_checkpoint(tmp_path / "tuned" / "checkpoints" / "last.pt")
+    # the added layer starts at zero (its gradient at a zero rate leaves it there); every other weight is the plain run's
+    assert torch.equal(state["model"]["augment_embed.weight"], torch.zeros(state["model"]["augment_embed.weight"].shape))
+    assert all(torch.equal(value, state["model"][key]) for key, value in plain["model"].items())

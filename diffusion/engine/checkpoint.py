@@ -345,10 +345,26 @@ def restore_training(trainer: Trainer, state: dict) -> None:
 def start_from_weights(trainer: Trainer, state: dict) -> None:
     """A fine-tune (``init_from``): the model takes a checkpoint's weights, every average its EMA weights (or the
     same), and the optimizer its moments where every parameter's shape matches (the seed's Adam state included)."""
-    load_weights(trainer.model, state["model"], what="weights to start from (init_from)")
-    trainer.averages.copy_weights(state["ema"]["state_dict"] if "ema" in state else trainer.model.state_dict())
+    load_weights(trainer.model, with_new_layers(trainer.model, state["model"]), what="weights to start from (init_from)")
+    averaged = state["ema"]["state_dict"] if "ema" in state else None
+    trainer.averages.copy_weights(with_new_layers(trainer.model, averaged) if averaged else trainer.model.state_dict())
     if not load_optimizer_moments(trainer.optimizer, state.get("optimizer") or state.get("seed_optimizer")):
         log.warning("init_from: the optimizer state does not fit this model's parameters; starting it afresh")
+
+
+# layers a fine-tune may add to a trained network, zero at the start so that the network computes what it did: the
+# conditioning on non-leaky augmentation's labels (a network trained without it, fine-tuned on a small data set with it)
+NEW_LAYERS = ("augment_embed.",)
+
+
+def with_new_layers(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with zeros for the ``NEW_LAYERS`` weights that ``model`` has and it lacks."""
+    added = {key: torch.zeros_like(value) for key, value in model.state_dict().items()
+             if key.startswith(NEW_LAYERS) and key not in state_dict}
+    if added:
+        log.info("init_from: the checkpoint has no %s; starting it at zero, the network computes what it did",
+                 ", ".join(sorted(added)))
+    return {**state_dict, **added}
 
 
 def described(changed: dict[str, tuple]) -> str:
