@@ -1,5 +1,5 @@
-"""``diffusion-eval``: FD, KID, precision/recall, Inception Score, conditional accuracy and broken images against a
-data set."""
+"""``diffusion-eval``: FD, KID, precision/recall, Inception Score, conditional accuracy, broken images and the share
+of copies of training images against a data set."""
 
 from __future__ import annotations
 
@@ -28,6 +28,14 @@ from diffusion.evaluation.evaluator import (
     requested_classes,
 )
 from diffusion.evaluation.features import extract, in_batches
+from diffusion.evaluation.memorization import (
+    describe,
+    find_copies,
+    memorization_reference,
+    nearest_grid,
+    reason_to_skip,
+    summary,
+)
 from diffusion.process.generate import generate, sampling_progress
 from diffusion.process.labels import cycled_labels
 from diffusion.reports.images import save_grid, save_images
@@ -164,6 +172,25 @@ def format_table(metrics: dict) -> str:
     return "\n".join([f"{'metric':<{width}}  value", *(f"{key:<{width}}  {value}" for key, value in rows)])
 
 
+def check_memorization(cfg: DictConfig, extractor, reference_data, reference: dict, images: torch.Tensor,
+                       features: torch.Tensor, device: torch.device, out: Path) -> dict:
+    """Whether the measured images copy the reference's images (the training data) or their mirrors: writes
+    ``nearest.png`` and returns eval.json's ``memorization`` (``{"skipped": why}`` with no training images)."""
+    settings = OmegaConf.to_container(cfg.memorization, resolve=True)
+    reason = reason_to_skip(reference_data, settings.pop("enabled"))
+    if reason is not None:
+        log.info("memorization: skipped, %s", reason)
+        return {"skipped": reason}
+    rows = settings.pop("grid_rows")
+    training = memorization_reference(extractor, reference_data, OmegaConf.to_container(cfg.dataset, resolve=True),
+                                      reference, device, batch_size=cfg.feature_batch_size, **settings)
+    copies = find_copies(training, images, features)
+    grid = save_grid(nearest_grid(training, images, copies, rows), out / "nearest.png", nrow=3)
+    log.info("%s; the %d closest beside their nearest training images (in pixels, in features): %s",
+             describe(training, copies), min(rows, len(images)), shown(grid))
+    return summary(training, copies, rows)
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Measure the source of ``cfg`` against the reference data set; writes and returns ``eval.json``'s content."""
     start = time.perf_counter()
@@ -190,6 +217,9 @@ def evaluate(cfg: DictConfig) -> dict:
     broken = find_broken(reference, images)
     metrics = compute_metrics(reference, features, probabilities, requested, broken, **cfg.metrics)
     seconds["metrics"] = time.perf_counter() - start - sum(seconds.values())
+    memorization = check_memorization(cfg, extractor, reference_data, reference, images, features, device, out)
+    metrics["memorized"] = memorization.get("memorized")
+    seconds["memorization"] = time.perf_counter() - start - sum(seconds.values())
     if baseline is not None:  # the same measurements of the base samples upsampled bicubically
         baseline_images, baseline_psnr = baseline
         baseline_features, baseline_probabilities = extract(extractor, in_batches(baseline_images, cfg.feature_batch_size),
@@ -208,6 +238,7 @@ def evaluate(cfg: DictConfig) -> dict:
                       "num_images": len(reference_data), "cache": str(reference["path"]),
                       "cached": reference["cached"]},
         "metrics": metrics,
+        "memorization": memorization,
         "seconds": seconds,
     }
     out.mkdir(parents=True, exist_ok=True)

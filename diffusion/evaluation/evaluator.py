@@ -13,6 +13,12 @@ from torch import nn
 from diffusion.engine.checkpoint import save_checkpoint
 from diffusion.engine.contracts import ImageDataset, SplitDataset
 from diffusion.evaluation.features import FeatureExtractor, extract, in_batches
+from diffusion.evaluation.memorization import (
+    TrainingImages,
+    find_copies,
+    memorization_reference,
+    nearest_grid,
+)
 from diffusion.evaluation.metrics import (
     broken_images,
     conditional_accuracy,
@@ -28,9 +34,10 @@ from diffusion.process.labels import cycled_labels
 from diffusion.process.objectives import Objective
 from diffusion.process.schedules import NoiseSchedule
 
-METRIC_KEYS = ("fd", "kid", "kid_std", "precision", "recall", "inception_score", "inception_score_std",
+# memorized: the share of samples that copy a training image (diffusion.evaluation.memorization)
+METRIC_KEYS = ("fd", "kid", "kid_std", "precision", "recall", "memorized", "inception_score", "inception_score_std",
                "conditional_accuracy", "broken_images")
-LOWER_IS_BETTER = ("fd", "kid", "broken_images")
+LOWER_IS_BETTER = ("fd", "kid", "memorized", "broken_images")
 # the most broken images a grid of them shows, the worst first
 BROKEN_GRID_SIZE = 64
 
@@ -111,21 +118,23 @@ def compute_metrics(reference: dict, features: torch.Tensor, probabilities, labe
     return metrics
 
 
-def available_metrics(extractor: FeatureExtractor, num_classes: int | None, class_names: list[str] | None) -> list[str]:
+def available_metrics(extractor: FeatureExtractor, num_classes: int | None, class_names: list[str] | None,
+                      memorization: bool = True) -> list[str]:
     """The metrics ``compute_metrics`` gives for a model with ``num_classes`` (None: unconditional) measured by
     ``extractor``: the Inception Score needs a classifier, conditional accuracy a conditional model and an
-    extractor that classifies the data set's classes; the broken-image count is always there."""
+    extractor that classifies the data set's classes, ``memorized`` the memorization check; the broken-image count
+    is always there."""
     available = ["fd", "kid", "kid_std", "precision", "recall"]
     if extractor.num_classes is not None:
         available += ["inception_score", "inception_score_std"]
         if num_classes and class_names and extractor.classes and set(class_names) <= set(extractor.classes):
             available.append("conditional_accuracy")
-    return [*available, "broken_images"]
+    return [*available, "broken_images", *(["memorized"] if memorization else [])]
 
 
 def beats(metric: str, value: float, best: float | None) -> bool:
-    """Whether ``value`` of ``metric`` is better than ``best`` (lower FD, KID and broken-image count, higher
-    everything else)."""
+    """Whether ``value`` of ``metric`` is better than ``best`` (lower FD, KID, share of copies and broken-image count,
+    higher everything else)."""
     return best is None or (value < best if metric in LOWER_IS_BETTER else value > best)
 
 
@@ -141,18 +150,25 @@ class Evaluator:
         num_images: images sampled each time, always from seeds 0..num_images-1 (class i % num_classes).
         batch_size: images per sampling batch.
         guidance_scale: classifier-free guidance for class-conditional models.
+        memorization: the memorization check's settings (``neighbours``, ``calibration_quantile``,
+            ``max_calibration_images``, ``grid_rows``), or None for no check (``memorized`` is then None).
     """
 
     def __init__(self, extractor: FeatureExtractor, dataset, dataset_config: dict, cache_dir: str, sampler: Callable,
-                 num_images: int = 500, batch_size: int = 250, guidance_scale: float = 1.0) -> None:
+                 num_images: int = 500, batch_size: int = 250, guidance_scale: float = 1.0,
+                 memorization: dict | None = None) -> None:
         self.extractor, self.dataset, self.dataset_config = extractor, dataset, dataset_config
         self.cache_dir, self.sampler, self.num_images = cache_dir, sampler, num_images
         self.batch_size, self.guidance_scale = batch_size, guidance_scale
+        self.memorization = None if memorization is None else dict(memorization)
         self.reference: dict | None = None
+        self.training: TrainingImages | None = None  # the training images the samples are compared with, once
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, schedule: NoiseSchedule, objective: Objective) -> tuple[dict, torch.Tensor]:
-        """The metrics of ``num_images`` fresh samples of ``model``, and its broken samples (highest energy first)."""
+    def __call__(self, model: nn.Module, schedule: NoiseSchedule,
+                 objective: Objective) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+        """The metrics of ``num_images`` fresh samples of ``model``, its broken samples (highest energy first), and
+        the rows of its nearest-training-image grid (``nearest_grid``; None without the memorization check)."""
         device = next(model.parameters()).device
         if self.reference is None:
             self.reference = reference_statistics(self.extractor, self.dataset, self.dataset_config, self.cache_dir,
@@ -165,4 +181,14 @@ class Evaluator:
         requested = requested_classes(torch.tensor(labels) if labels else None, self.dataset.classes,
                                       self.extractor)
         broken = find_broken(self.reference, images)
-        return compute_metrics(self.reference, features, probabilities, requested, broken), images[broken]
+        metrics = compute_metrics(self.reference, features, probabilities, requested, broken)
+        nearest = None
+        if self.memorization is not None:
+            settings = {key: value for key, value in self.memorization.items() if key != "grid_rows"}
+            if self.training is None:  # the reference is the training data: its features are the training features
+                self.training = memorization_reference(self.extractor, self.dataset, self.dataset_config,
+                                                       self.reference, device, batch_size=self.batch_size, **settings)
+            copies = find_copies(self.training, images, features)
+            metrics["memorized"] = copies.share
+            nearest = nearest_grid(self.training, images, copies, self.memorization.get("grid_rows", 16))
+        return metrics, images[broken], nearest

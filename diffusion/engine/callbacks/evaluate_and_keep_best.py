@@ -14,6 +14,7 @@ from diffusion.engine.checkpoint import save_checkpoint
 from diffusion.engine.run_dir import shown
 from diffusion.errors import ConfigError
 from diffusion.evaluation.evaluator import BROKEN_GRID_SIZE, METRIC_KEYS, Evaluator, available_metrics, beats
+from diffusion.evaluation.memorization import check_settings
 from diffusion.reports.images import save_grid
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,9 @@ class EvaluateAndKeepBest(Callback):
     the EMA weights with a fast sampler, measures them against the training data, logs ``eval/<metric>`` for every
     metric (on the step's line, with its ``train_seconds``), and writes ``checkpoints/best.pt`` when ``metric`` is
     the best so far. Broken samples (``eval/broken_images``), if any, go to ``samples/broken_step_<N>.png``, the
-    worst first.
+    worst first. The memorization check logs ``eval/memorized``, the share of samples that copy a training image or
+    its mirror (``diffusion.evaluation.memorization``), and draws the closest samples beside their nearest training
+    images in ``samples/nearest_step_<N>.png``.
 
     The feature extractor and the sampler are given as configs and built when the run starts, and only when
     ``every``, ``every_seconds`` or ``at_end`` is set, so a run that never evaluates never builds them.
@@ -42,11 +45,15 @@ class EvaluateAndKeepBest(Callback):
         num_images: images per evaluation, always from seeds 0..num_images-1 (class i % num_classes).
         batch_size: images per sampling batch.
         guidance_scale: classifier-free guidance of class-conditional models.
+        memorization: the memorization check's settings (``enabled``, ``neighbours``, ``calibration_quantile``,
+            ``max_calibration_images``, ``grid_rows``); the training data's held-out ``test`` split calibrates it when
+            the run trains on a ``train`` split, else the training images left out one at a time.
     """
 
     def __init__(self, features: DictConfig, sampler: DictConfig, dataset: DictConfig, cache_dir: str,
                  every: int = 0, metric: str = "fd", num_images: int = 500, batch_size: int = 250,
-                 guidance_scale: float = 1.0, every_seconds: float = 0, at_end: bool = False) -> None:
+                 guidance_scale: float = 1.0, every_seconds: float = 0, at_end: bool = False,
+                 memorization: DictConfig | dict | None = None) -> None:
         if metric not in METRIC_KEYS:
             raise ConfigError(f"callbacks.evaluation.metric={metric!r} is not known; choose one of {list(METRIC_KEYS)}")
         if every_seconds < 0:
@@ -58,6 +65,11 @@ class EvaluateAndKeepBest(Callback):
         self.batch_size, self.guidance_scale = batch_size, guidance_scale
         self.best: dict[str, Any] | None = None  # the best measurement so far: metric, value, step
         self.evaluator: Evaluator | None = None
+        settings = dict(memorization or {})
+        self.memorization = settings if settings.pop("enabled", True) else None
+        if self.memorization is not None:
+            check_settings(**{key: value for key, value in self.memorization.items() if key != "grid_rows"},
+                           where="callbacks.evaluation.memorization")
 
     def on_fit_start(self, run) -> None:
         if self.every or self.every_seconds or self.at_end:
@@ -68,11 +80,13 @@ class EvaluateAndKeepBest(Callback):
     def build(self, run) -> None:
         """Build the extractor and the sampler, and refuse a metric this run cannot measure."""
         extractor = instantiate(self.features)
-        available = available_metrics(extractor, run.model.num_classes, run.dataset.classes)
+        available = available_metrics(extractor, run.model.num_classes, run.dataset.classes,
+                                      memorization=self.memorization is not None)
         if self.metric not in available:
             raise ConfigError(
                 f"callbacks.evaluation.metric={self.metric!r} cannot be measured in this run ("
                 + ("an unconditional model has no conditional accuracy" if self.metric == "conditional_accuracy"
+                   else "callbacks.evaluation.memorization.enabled is false" if self.metric == "memorized"
                    else f"the feature extractor {extractor.name!r} cannot give it")
                 + f"): choose one of {available}")
         dataset_config = OmegaConf.to_container(self.dataset, resolve=True) if isinstance(self.dataset, DictConfig) \
@@ -80,7 +94,7 @@ class EvaluateAndKeepBest(Callback):
         self.evaluator = Evaluator(extractor=extractor, dataset=run.dataset, dataset_config=dataset_config,
                                    cache_dir=self.cache_dir, sampler=instantiate(self.sampler),
                                    num_images=self.num_images, batch_size=self.batch_size,
-                                   guidance_scale=self.guidance_scale)
+                                   guidance_scale=self.guidance_scale, memorization=self.memorization)
 
     def due(self, run) -> bool:
         """Whether to evaluate at this step: on the step cadence, at a newly crossed multiple of ``every_seconds``
@@ -94,12 +108,14 @@ class EvaluateAndKeepBest(Callback):
             return
         measured = None
         if run.is_main:
-            metrics, broken = self.evaluator(run.ema.model, run.task.schedule, run.task.objective)
+            metrics, broken, nearest = self.evaluator(run.ema.model, run.task.schedule, run.task.objective)
             measured = {f"eval/{key}": value for key, value in metrics.items() if value is not None}
             log.info("evaluation at step %d: %s", run.step,
                      "  ".join(f"{key[5:]} {value:.4g}" for key, value in measured.items()))
             if len(broken):
                 self.write_broken(run, broken)
+            if nearest is not None:
+                self.write_nearest(run, nearest)
         measured = distributed.broadcast(measured)
         run.log_metrics(measured)
         value = measured[f"eval/{self.metric}"]
@@ -116,6 +132,12 @@ class EvaluateAndKeepBest(Callback):
         path = save_grid(broken[:BROKEN_GRID_SIZE], run.run_dir / "samples" / f"broken_step_{run.step}.png")
         run.logger.log_image("eval/broken", path, run.step)
         log.info("%d broken samples at step %d, the worst: %s", len(broken), run.step, shown(path))
+
+    @staticmethod
+    def write_nearest(run, nearest) -> None:
+        """Write this step's closest samples, each beside its nearest training image in pixels and in features."""
+        path = save_grid(nearest, run.run_dir / "samples" / f"nearest_step_{run.step}.png", nrow=3)
+        run.logger.log_image("eval/nearest", path, run.step)
 
     def summary(self) -> dict[str, Any]:
         if self.best is None:
