@@ -8,7 +8,7 @@ from PIL import Image
 
 from diffusion.cli.train import train
 from diffusion.data import DigitsDataset, EpochBatchSampler, ImageFolderDataset, TensorImageDataset
-from diffusion.errors import LoaderWorkerDied, exit_code_of
+from diffusion.errors import ConfigError, LoaderWorkerDied, exit_code_of
 from tests.conftest import compose_config, smoke_overrides
 
 
@@ -144,3 +144,15 @@ def test_a_loader_worker_that_dies_is_reported_with_the_file_it_was_reading(tmp_
     assert f"a data-loader worker died while reading {tmp_path / 'data' / 'dogs' / 'poison.png'}: DataLoader " \
            "worker (pid" in message and "trainer.num_workers=2 (lower it)" in message
     assert exit_code_of(died.value) == 5
+
+
+def test_a_small_train_split_keeps_each_class_alike_and_the_test_split_whole():
+    whole, small = DigitsDataset(split="train"), DigitsDataset(split="train", train_images=100)
+    assert len(small) == 100 and torch.bincount(small.labels).tolist() == [10] * 10
+    # every kept digit is one of the train split's, with its label
+    matches = (small.images.flatten(1)[:, None] == whole.images.flatten(1)[None]).all(-1)
+    assert matches.any(1).all() and torch.equal(whole.labels[matches.float().argmax(1)], small.labels)
+    assert len(DigitsDataset(split="test", train_images=100)) == 360
+    assert small.fingerprint() != whole.fingerprint() == DigitsDataset(split="train", train_images=1437).fingerprint()
+    with pytest.raises(ConfigError, match="dataset.train_images must be at least 10"):
+        DigitsDataset(split="train", train_images=5)

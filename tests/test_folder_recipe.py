@@ -78,7 +78,7 @@ def test_the_recipe_of_the_digits_folder_and_of_small_colour_photographs():
                                          "model.num_classes", "task.augment.probability", "model.augment_dim")} == {
         "dataset.image_size": 64, "dataset.channels": 3, "dataset.random_flip": True, "model.patch_size": 2,
         "model.attention_resolutions": [16], "objective.P_mean": 0.99, "model.num_classes": None,
-        "task.augment.probability": 0.12, "model.augment_dim": 6}
+        "task.augment.probability": 0.25, "model.augment_dim": 6}
     on_gpu = overrides(recipe.data_choices(facts_like(300, 70, False, 1, 1.02), on_gpu=True))
     assert (on_gpu["model"], on_gpu["model.patch_size"]) == ("unet_small", 4)
     # a 512 px folder is made 64 px on a CPU
@@ -109,11 +109,11 @@ def test_a_folder_run_prints_its_recipe_keeps_the_users_settings_and_anneals_wit
     printed = result["output"]
     assert "experiment=folder: 60 16x16 grayscale images in 2 classes" in printed
     assert "model.patch_size=2 " in printed and "dataset.random_flip=false " in printed
-    assert "task.augment.probability=0.12 " in printed  # 60 images: augmentation on
+    assert "task.augment.probability=0.25 " in printed  # 60 images: augmentation on
     assert "optimizer.lr=" not in printed.split("yours:")[0] and "yours: trainer.max_train_seconds=3" in printed
     config = yaml.safe_load((tmp_path / "run" / ".hydra" / "config.yaml").read_text())
     assert (config["model"]["patch_size"], config["objective"]["P_mean"], config["optimizer"]["lr"]) == (2, -0.4, 2e-3)
-    assert (config["model"]["augment_dim"], config["task"]["augment"]["probability"]) == (6, 0.12)
+    assert (config["model"]["augment_dim"], config["task"]["augment"]["probability"]) == (6, 0.25)
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     # the budget ended the run with the schedule at its end: annealed to zero within it
     assert state["train_seconds"] >= 3 and state["step"] < config["trainer"]["max_steps"]

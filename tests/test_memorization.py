@@ -317,6 +317,12 @@ def test_in_training_evaluation_logs_eval_memorized_and_draws_the_nearest_traini
     assert line["step"] == 2 and line["eval/memorized"] == 0.0  # a model 2 steps old draws noise, nothing's copy
     with Image.open(tmp_path / "run" / "samples" / "nearest_step_2.png") as grid:
         assert grid.size == (3 * 18 + 2, 4 * 18 + 2)
+    # the same samples measured against the held-out digits: another FD, the same copies of the training digits
+    train(compose_config("train", [*overrides, "callbacks.evaluation.reference_split=test"], tmp_path / "held_out"))
+    [held_out] = [json.loads(line) for line in (tmp_path / "held_out" / "metrics.jsonl").read_text().splitlines()]
+    assert held_out["eval/fd"] != line["eval/fd"] and held_out["eval/memorized"] == line["eval/memorized"]
+    cached = classifier.weights_path.parent.parent / "reference" / classifier.name
+    assert any(path.name.startswith("digitsdataset-test-16px") for path in cached.iterdir())
     off = [*overrides, "callbacks.evaluation.memorization.enabled=false", "callbacks.evaluation.metric=memorized"]
     with pytest.raises(ValueError, match=r"metric='memorized' cannot be measured in this run \(callbacks.evaluation."
                                          r"memorization.enabled is false\)"):

@@ -152,15 +152,19 @@ class Evaluator:
         guidance_scale: classifier-free guidance for class-conditional models.
         memorization: the memorization check's settings (``neighbours``, ``calibration_quantile``,
             ``max_calibration_images``, ``grid_rows``), or None for no check (``memorized`` is then None).
+        reference: another data set to measure FD, KID, precision and recall against (e.g. the held-out split),
+            with its resolved config; None: the training data. The memorization check compares with the training
+            data either way.
     """
 
     def __init__(self, extractor: FeatureExtractor, dataset, dataset_config: dict, cache_dir: str, sampler: Callable,
                  num_images: int = 500, batch_size: int = 250, guidance_scale: float = 1.0,
-                 memorization: dict | None = None) -> None:
+                 memorization: dict | None = None, reference: tuple[ImageDataset, dict] | None = None) -> None:
         self.extractor, self.dataset, self.dataset_config = extractor, dataset, dataset_config
         self.cache_dir, self.sampler, self.num_images = cache_dir, sampler, num_images
         self.batch_size, self.guidance_scale = batch_size, guidance_scale
         self.memorization = None if memorization is None else dict(memorization)
+        self.reference_data = reference or (dataset, dataset_config)
         self.reference: dict | None = None
         self.training: TrainingImages | None = None  # the training images the samples are compared with, once
 
@@ -171,8 +175,7 @@ class Evaluator:
         the rows of its nearest-training-image grid (``nearest_grid``; None without the memorization check)."""
         device = next(model.parameters()).device
         if self.reference is None:
-            self.reference = reference_statistics(self.extractor, self.dataset, self.dataset_config, self.cache_dir,
-                                                  device)
+            self.reference = reference_statistics(self.extractor, *self.reference_data, self.cache_dir, device)
         labels = cycled_labels(self.num_images, model.num_classes)
         shape = (self.dataset.channels, self.dataset.image_size, self.dataset.image_size)
         images = generate(model, schedule, objective, self.sampler, list(range(self.num_images)), shape, labels,
@@ -185,9 +188,11 @@ class Evaluator:
         nearest = None
         if self.memorization is not None:
             settings = {key: value for key, value in self.memorization.items() if key != "grid_rows"}
-            if self.training is None:  # the reference is the training data: its features are the training features
+            if self.training is None:
+                training = self.reference if self.reference_data[0] is self.dataset else reference_statistics(
+                    self.extractor, self.dataset, self.dataset_config, self.cache_dir, device)
                 self.training = memorization_reference(self.extractor, self.dataset, self.dataset_config,
-                                                       self.reference, device, batch_size=self.batch_size, **settings)
+                                                       training, device, batch_size=self.batch_size, **settings)
             copies = find_copies(self.training, images, features)
             metrics["memorized"] = copies.share
             nearest = nearest_grid(self.training, images, copies, self.memorization.get("grid_rows", 16))

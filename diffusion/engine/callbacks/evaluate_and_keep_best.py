@@ -48,12 +48,15 @@ class EvaluateAndKeepBest(Callback):
         memorization: the memorization check's settings (``enabled``, ``neighbours``, ``calibration_quantile``,
             ``max_calibration_images``, ``grid_rows``); the training data's held-out ``test`` split calibrates it when
             the run trains on a ``train`` split, else the training images left out one at a time.
+        reference_split: measure FD, KID, precision and recall against this split of the data set (e.g. ``test``,
+            the held-out digits) instead of the training data (null); memorization is checked against the training
+            data either way.
     """
 
     def __init__(self, features: DictConfig, sampler: DictConfig, dataset: DictConfig, cache_dir: str,
                  every: int = 0, metric: str = "fd", num_images: int = 500, batch_size: int = 250,
                  guidance_scale: float = 1.0, every_seconds: float = 0, at_end: bool = False,
-                 memorization: DictConfig | dict | None = None) -> None:
+                 memorization: DictConfig | dict | None = None, reference_split: str | None = None) -> None:
         if metric not in METRIC_KEYS:
             raise ConfigError(f"callbacks.evaluation.metric={metric!r} is not known; choose one of {list(METRIC_KEYS)}")
         if every_seconds < 0:
@@ -65,6 +68,7 @@ class EvaluateAndKeepBest(Callback):
         self.batch_size, self.guidance_scale = batch_size, guidance_scale
         self.best: dict[str, Any] | None = None  # the best measurement so far: metric, value, step
         self.evaluator: Evaluator | None = None
+        self.reference_split = reference_split
         settings = dict(memorization or {})
         self.memorization = settings if settings.pop("enabled", True) else None
         if self.memorization is not None:
@@ -94,7 +98,18 @@ class EvaluateAndKeepBest(Callback):
         self.evaluator = Evaluator(extractor=extractor, dataset=run.dataset, dataset_config=dataset_config,
                                    cache_dir=self.cache_dir, sampler=instantiate(self.sampler),
                                    num_images=self.num_images, batch_size=self.batch_size,
-                                   guidance_scale=self.guidance_scale, memorization=self.memorization)
+                                   guidance_scale=self.guidance_scale, memorization=self.memorization,
+                                   reference=self.reference_data(dataset_config))
+
+    def reference_data(self, dataset_config: dict) -> tuple | None:
+        """The data set ``reference_split`` names and its config, or None (the training data)."""
+        if self.reference_split is None:
+            return None
+        if "split" not in dataset_config:
+            raise ConfigError(f"callbacks.evaluation.reference_split={self.reference_split!r} needs a data set with "
+                              f"splits (dataset=digits); {dataset_config['_target_']} has none: set it to null")
+        config = {**dataset_config, "split": self.reference_split}
+        return instantiate(config), config
 
     def due(self, run) -> bool:
         """Whether to evaluate at this step: on the step cadence, at a newly crossed multiple of ``every_seconds``
