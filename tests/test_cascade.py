@@ -164,3 +164,22 @@ def test_an_image_folder_downsampled_from_a_larger_size_is_box_filtered(tmp_path
     assert torch.allclose(low, area_downsample(pixels.permute(2, 0, 1)[None].float() / 255 * 2 - 1, 4)[0], atol=1e-6)
     with pytest.raises(ValueError, match="dataset.downsample_from=4 must be a multiple of dataset.image_size=4"):
         ImageFolderDataset(tmp_path / "data", image_size=4, downsample_from=4)
+
+
+def test_make_trains_digits_are_the_box_filters_the_16_to_32_stage_learned_to_enlarge_and_8x8_ones_are_not():
+    from hydra.utils import instantiate
+
+    from diffusion.process.cascade import pairs_mismatch
+
+    data = {name: compose_config("train", [f"experiment={name}"]).dataset
+            for name in ("digits", "sr_digits_16_32", "digits_ddpm", "sr_digits_base_8", "sr_digits_8_16")}
+    base, stage = instantiate(data["digits"]), instantiate(data["sr_digits_16_32"])
+    # bilinear enlargements of the 8x8 originals with half-pixel centres: 2x2 means of the 32x32 ones are the 16x16 ones
+    assert torch.equal(base.images, area_downsample(stage.images, 16))
+    assert pairs_mismatch(dict(data["digits"]), dict(data["sr_digits_16_32"]), 16) is None
+    # at 8x8 the originals are not the box filters of the 32x32 digits: the 8 -> 16 stage needs sr_digits_base_8
+    assert pairs_mismatch(dict(data["sr_digits_base_8"]), dict(data["sr_digits_8_16"]), 8) is None
+    why = pairs_mismatch({**data["sr_digits_base_8"], "downsample_from": None}, dict(data["sr_digits_8_16"]), 8)
+    assert why.startswith("the first 8 images the stage below trained on differ from the box filters of this stage's "
+                          "by up to 0.") and why.endswith("train it on the same data with dataset.downsample_from=32")
+    assert pairs_mismatch(None, dict(data["sr_digits_16_32"]), 16) is None  # a checkpoint without its config

@@ -9,13 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from diffusion.config import sampler_from_config
 from diffusion.data.resize import area_downsample
 from diffusion.engine.contracts import SuperResolutionModel
-from diffusion.errors import ConfigError
+from diffusion.errors import ConfigError, UserError
 from diffusion.models.super_resolution import upsample
 from diffusion.process.generate import generate
 from diffusion.reports.images import save_grid
@@ -65,7 +67,44 @@ def load_stages(cascade: DictConfig, device: torch.device) -> list[Stage]:
         if index and stage.trained.model.low_resolution != stages[index - 1].image_size:
             raise ConfigError(f"cascade stage {stage.name!r} upsamples {stage.trained.model.low_resolution}px images "
                              f"but {stages[index - 1].name!r} makes {stages[index - 1].image_size}px ones")
+        if index and (why := pairs_mismatch(training_data(stages[index - 1]), training_data(stage),
+                                            stage.trained.model.low_resolution)):
+            log.warning("cascade stage %r enlarges images unlike those %r makes: %s", stage.name,
+                        stages[index - 1].name, why)
     return stages
+
+
+def training_data(stage: Stage) -> dict | None:
+    """The ``dataset`` config a stage was trained on (None for a checkpoint that keeps no config)."""
+    config = stage.trained.state.get("config")
+    if not config:
+        return None
+    return OmegaConf.to_container(OmegaConf.create(config).get("dataset") or {}, resolve=False) or None
+
+
+def pairs_mismatch(lower: dict | None, upper: dict | None, low_resolution: int, count: int = 8) -> str | None:
+    """Why the images a stage trained on the data set ``lower`` makes are not the inputs a super-resolution stage
+    trained on ``upper`` learned to enlarge (each of its images beside its box filter to ``low_resolution``), or None
+    when they are: the first ``count`` images of the two data sets are compared (None too when either can't be read
+    here)."""
+    if lower is None or upper is None:
+        return None
+    try:
+        below, above = instantiate(lower), instantiate(upper)
+    except (UserError, OSError, InstantiationException):
+        return None
+    count = min(count, len(below), len(above))
+    made = torch.stack([below[i][0] for i in range(count)])
+    learned = area_downsample(torch.stack([above[i][0] for i in range(count)]), low_resolution)
+    if made.shape != learned.shape:
+        return (f"the stage below trained on {tuple(made.shape[1:])} images, this one on box filters of shape "
+                f"{tuple(learned.shape[1:])}")
+    difference = (made - learned).abs().max().item()
+    if difference <= 2 / 255:
+        return None
+    source = upper.get("downsample_from") or upper.get("image_size")
+    return (f"the first {count} images the stage below trained on differ from the box filters of this stage's by up "
+            f"to {difference:.2f} (of 2): train it on the same data with dataset.downsample_from={source}")
 
 
 def sample_cascade(stages: list[Stage], seeds: list[int], labels: list[int] | None, batch_size: int,
