@@ -68,19 +68,22 @@ def test_the_recipe_of_the_digits_folder_and_of_small_colour_photographs():
     digits = overrides(recipe.data_choices(facts_like(1437, 32, True, 10, 1.74), on_gpu=False))
     assert digits == {
         "dataset.image_size": 32, "dataset.channels": 1, "dataset.random_flip": False, "model": "unet_tiny",
-        "model.patch_size": 4, "model.attention_resolutions": [4], "objective.P_mean": round(-0.4 + math.log(2), 2),
+        "model.patch_size": 2, "model.attention_resolutions": [8], "objective.P_mean": round(-0.4 + math.log(2), 2),
         "trainer.batch_size": 64, "optimizer.lr": 1e-3, "trainer.ema_decay": [], "trainer.ema_sigma_rel": [0.1, 0.05],
         "model.num_classes": 10, "task.augment.probability": 0.0, "model.augment_dim": 0}
-    # 300 colour photographs of about 70 px, one class, mirror-symmetric: 3 channels fit 2x2 patches in 32 channels
+    # 300 colour photographs of about 70 px, one class, mirror-symmetric: a first level of 48 channels for 2x2 patches
     photos = overrides(recipe.data_choices(facts_like(300, 70, False, 1, 1.02), on_gpu=False))
-    assert {key: photos[key] for key in ("dataset.image_size", "dataset.channels", "dataset.random_flip",
+    assert {key: photos[key] for key in ("dataset.image_size", "dataset.channels", "dataset.random_flip", "model.base_channels",
                                          "model.patch_size", "model.attention_resolutions", "objective.P_mean",
                                          "model.num_classes", "task.augment.probability", "model.augment_dim")} == {
-        "dataset.image_size": 64, "dataset.channels": 3, "dataset.random_flip": True, "model.patch_size": 2,
+        "dataset.image_size": 64, "dataset.channels": 3, "dataset.random_flip": True, "model.base_channels": 48,
+        "model.patch_size": 2,
         "model.attention_resolutions": [16], "objective.P_mean": 0.99, "model.num_classes": None,
         "task.augment.probability": 0.25, "model.augment_dim": 6}
     on_gpu = overrides(recipe.data_choices(facts_like(300, 70, False, 1, 1.02), on_gpu=True))
-    assert (on_gpu["model"], on_gpu["model.patch_size"]) == ("unet_small", 4)
+    assert (on_gpu["model"], on_gpu["model.patch_size"], "model.base_channels" in on_gpu) == ("unet_small", 2, False)
+    gray_on_gpu = overrides(recipe.data_choices(facts_like(300, 32, True, 1, 1.02), on_gpu=True))
+    assert gray_on_gpu["model.patch_size"] == 4  # 4 x 4x4x1 values in 64 channels
     # a 512 px folder is made 64 px on a CPU
     assert overrides(recipe.data_choices(facts_like(50, 512, False, 1, 1.0), on_gpu=False))["dataset.image_size"] == 64
 

@@ -190,3 +190,11 @@ def test_a_third_varied_override_gets_its_own_rows_in_the_per_metric_tables():
                          "| sde sampler.spacing=log_snr | 1.33 | 1.73 |", "| sde sampler.spacing=karras | 1.81 | 1.9 |"]
     two = [{"overrides": f"sampler={s} nfe={n}", "fd": 1.0} for s in ("ode", "sde") for n in (20, 100)]
     assert [line.split(" |")[0] for line in pivot_table(two, "fd", "sampler", "nfe").splitlines()[2:]] == ["| ode", "| sde"]
+
+
+def test_a_legend_of_long_labels_wraps_to_the_figures_width():
+    from diffusion.reports.plots import legend_columns
+
+    long = [f"{size} task.augment.probability={p}" for size in (100, 300, 1437) for p in (0, 0.25)]
+    assert legend_columns(long, 12.6) == 4  # 6 labels of up to 34 characters: 4 side by side, two rows
+    assert legend_columns(["ddim", "ddpm"], 12.6) == 2 and legend_columns(long, 2.0) == 1

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 REFERENCE_SIDE, REFERENCE_P_MEAN = 16, -0.4
 # the labels of task.augment with all four transforms on
 AUGMENT_DIM = 6
+# the first level's channels over the values of a patch, at least: at 32 px, digits on 4x4 patches in 32 channels (2)
+# kept grain in every sample (FD 9.7 after 300 s), on 2x2 patches (8) far less (FD 6.6); docs/data.md
+PATCH_WIDTH_RATIO = 4
 # planned steps over those the budget holds at the measured speed: a run measured too slow still fills its budget
 STEPS_MARGIN = 1.25
 
@@ -93,8 +96,11 @@ class FolderRecipe:
             side, side_reason = self.max_side_cpu, side_reason + f"; at most {self.max_side_cpu} px on a CPU"
         channels = 1 if facts.grayscale else 3
         model, width = ("unet_small", 64) if on_gpu else ("unet_tiny", 32)
+        # on a CPU colour images get a wider first level, so that 2x2 patches fit it (full-size levels are 4x slower)
+        wider = not on_gpu and channels == 3
+        width = max(width, PATCH_WIDTH_RATIO * 4 * channels) if wider else width
         patch = 1
-        while (2 * patch) ** 2 * channels <= width and side // (2 * patch) >= 8:
+        while PATCH_WIDTH_RATIO * (2 * patch) ** 2 * channels <= width and side // (2 * patch) >= 8:
             patch *= 2
         first = side // patch
         flips = facts.mirror_ratio < self.flips_below_ratio
@@ -107,11 +113,13 @@ class FolderRecipe:
                    f"mirrored images lie {facts.mirror_ratio:.2f}x as far from the data as its own images: "
                    + ("mirror-symmetric, flips add images like its own" if flips
                       else "not mirror-symmetric (like digits or text), flips would add images unlike its own")),
-            Choice("model", model, ("a GPU" if on_gpu else "a CPU") + f": {model} ({width} channels at the first "
-                   "level" + ("" if on_gpu else "; unet_small on a GPU") + ")"),
+            Choice("model", model, ("a GPU" if on_gpu else "a CPU") + f": {model}"
+                   + ("" if on_gpu else " (unet_small on a GPU)")),
+            *([Choice("model.base_channels", width, "colour on a CPU: a first level wide enough for 2x2 patches")]
+              if wider else []),
             Choice("model.patch_size", patch,
-                   f"the largest patch whose {patch}x{patch}x{channels} values fit the first level's {width} channels "
-                   f"and leave it at least 8 px: it works at {first}x{first}"),
+                   f"the largest patch whose {patch}x{patch}x{channels} values are at most a {PATCH_WIDTH_RATIO}th of "
+                   f"the first level's {width} channels and leave it at least 8 px: it works at {first}x{first}"),
             Choice("model.attention_resolutions", [first // 2], "self-attention at the second level"),
             Choice("objective.P_mean", p_mean,
                    f"EDM's noise levels centred on {REFERENCE_P_MEAN} at {REFERENCE_SIDE} px (digits), shifted by "

@@ -71,11 +71,19 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path, x: str, y: list[str], l
             ax.set_ylim(bottom=0)
         ax.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, title=lines)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    columns = legend_columns(labels, fig.get_figwidth())
+    rows = -(-len(labels) // columns)
+    fig.legend(handles, labels, loc="lower center", ncol=columns, frameon=False, title=lines)
+    fig.tight_layout(rect=(0, 0.06 + 0.06 * rows, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def legend_columns(labels: list[str], width_inches: float) -> int:
+    """As many legend entries side by side as fit the figure's width (a marker and about 0.075 inch a character)."""
+    widest = max((len(label) for label in labels), default=1)
+    return max(1, min(len(labels), int(width_inches / (0.6 + 0.075 * widest))))
 
 
 def plot_search(trials: list[dict[str, Any]], path: Path, space: dict[str, dict[str, Any]], objective: str) -> Path:
