@@ -118,7 +118,7 @@ class FolderRecipe:
             *([Choice("model.base_channels", width, "colour on a CPU: a first level wide enough for 2x2 patches")]
               if wider else []),
             Choice("model.patch_size", patch,
-                   f"the largest patch whose {patch}x{patch}x{channels} values are at most a {PATCH_WIDTH_RATIO}th of "
+                   f"the largest patch whose {patch}x{patch}x{channels} values are at most a quarter of "
                    f"the first level's {width} channels and leave it at least 8 px: it works at {first}x{first}"),
             Choice("model.attention_resolutions", [first // 2], "self-attention at the second level"),
             Choice("objective.P_mean", p_mean,
