@@ -64,11 +64,11 @@ def cumulative(alphas_cumprod: list[float], max_beta: float = 0.999) -> list[flo
 
 def test_make_train_is_a_class_conditional_digits_model_with_guidance(tmp_path):
     """`make train` runs experiment=digits: a class-conditional model of the 10 digits, trained with labels dropped
-    10% of the time, sampled in its grids with guidance 3."""
+    10% of the time, sampled in its grids with guidance 1.5."""
     result, state, _ = train_recipe(tmp_path, "experiment=digits", **{"callbacks.sample_grid.every": 4})
     config = stored(state)
     assert config["task_name"] == "digits" and config["model"]["num_classes"] == 10
-    assert config["objective"]["p_uncond"] == 0.1 and config["callbacks"]["sample_grid"]["guidance_scale"] == 3.0
+    assert config["objective"]["p_uncond"] == 0.1 and config["callbacks"]["sample_grid"]["guidance_scale"] == 1.5
     assert state["class_names"] == [str(digit) for digit in range(10)]
     assert state["model"]["class_embed.weight"].shape[0] == 11  # ten digits and the "no class" label
     # the time-to-quality benchmark's recipe: EDM's preconditioning on 2x2 patches (4 values of the 1-channel image)
