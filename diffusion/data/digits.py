@@ -46,9 +46,11 @@ class DigitsDataset(TensorImageDataset):
         check_downsample_from(image_size, downsample_from)
         digits = load_digits()
         index = list(range(len(digits.target)))
+        subset = False
         if split != "all":
             train, test = train_test_split(index, test_size=0.2, random_state=0, stratify=digits.target)
-            if split == "train" and train_images is not None and train_images < len(train):
+            subset = split == "train" and train_images is not None and train_images < len(train)
+            if subset:
                 if not 10 <= train_images:
                     raise ConfigError(f"dataset.train_images must be at least 10 (one digit of each class), got "
                                       f"{train_images}")
@@ -66,7 +68,7 @@ class DigitsDataset(TensorImageDataset):
             random_flip=random_flip,
         )
         self.split, self.downsample_from = split, downsample_from
-        self.subset = len(index) if split == "train" and train_images is not None and train_images < 1437 else None
+        self.subset = len(index) if subset else None  # the train split's size when cut
 
     def fingerprint(self) -> str:
         """A short hex digest of the split, size and channels (the digits themselves ship with scikit-learn)."""

@@ -12,6 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from diffusion.data.image_folder import ImageFolderDataset
+from diffusion.errors import DataError
 
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 # the side at which mirror symmetry is judged: the data set's coarse shapes, not its noise
@@ -67,8 +68,6 @@ def look_at_folder(root: str | Path, max_read: int = 1000, mirror_sample: int = 
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
             continue  # unreadable files are skipped and counted when the data set reads them
     if not sides:
-        from diffusion.errors import DataError
-
         raise DataError(f"none of the {len(chosen)} images read under '{listing.root}' could be decoded")
     indices = random.Random(seed + 1).sample(range(len(listing)), min(mirror_sample, len(listing)))
     images = torch.stack([listing[i][0] for i in indices]).flatten(1)

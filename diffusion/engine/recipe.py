@@ -167,10 +167,9 @@ class FolderRecipe:
         return choices
 
 
-def measure_images_per_second(cfg: DictConfig, warmup: int = 2, repeats: int = 5) -> float:
-    """Training images per second of ``cfg``'s model, objective and batch on its device: forward, backward and
+def measure_images_per_second(cfg: DictConfig, device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
+    """Training images per second of ``cfg``'s model, objective and batch on ``device``: forward, backward and
     update of random images, the median of ``repeats`` steps after ``warmup`` (the loader's time left out)."""
-    device = resolve_device(cfg.trainer.device, distributed.current_world().local_rank, setting="trainer.device")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model = instantiate({**model_cfg, "num_classes": None}).to(device)
     schedule, objective = instantiate(cfg.schedule).to(device), instantiate(cfg.objective)
@@ -226,7 +225,7 @@ def apply_recipe(cfg: DictConfig, user_overrides: Sequence[str],
     mine = [c.override for c in choices if not set_by_user(c.key, user_keys)]
     composed = compose([*mine, *user_overrides])
     budget = composed.trainer.max_train_seconds
-    lengths = recipe.length_choices(composed, facts, planned_steps(composed, budget, user_keys))
+    lengths = recipe.length_choices(composed, facts, planned_steps(composed, budget, user_keys, device))
     choices += lengths
     mine += [c.override for c in lengths if not set_by_user(c.key, user_keys)]
     composed = compose([*mine, *user_overrides])
@@ -235,7 +234,8 @@ def apply_recipe(cfg: DictConfig, user_overrides: Sequence[str],
     return composed
 
 
-def planned_steps(cfg: DictConfig, budget: float | None, user_keys: Sequence[str]) -> Choice | None:
+def planned_steps(cfg: DictConfig, budget: float | None, user_keys: Sequence[str],
+                  device: torch.device) -> Choice | None:
     """``trainer.max_steps`` for a time budget: the steps it holds at the speed measured now, or a resumed run's own
     (so that its schedule does not move); None without a budget or when the user set the steps."""
     if budget is None or set_by_user("trainer.max_steps", user_keys):
@@ -243,7 +243,7 @@ def planned_steps(cfg: DictConfig, budget: float | None, user_keys: Sequence[str
     if (resumed := checkpoint_to_resume(cfg.get("resume"), cfg.paths.output_dir)) is not None:
         saved = OmegaConf.create(load_checkpoint(resumed)["config"])
         return Choice("trainer.max_steps", saved.trainer.max_steps, f"the resumed run's ({shown(resumed)})")
-    speed = measure_images_per_second(cfg)
+    speed = measure_images_per_second(cfg, device)
     batch = cfg.trainer.batch_size * cfg.trainer.accumulation_steps
     return Choice("trainer.max_steps", max(10, int(STEPS_MARGIN * budget * speed / batch)),
                   f"{STEPS_MARGIN:g} x what the {budget:g} s budget (trainer.max_train_seconds) holds at "
