@@ -140,3 +140,18 @@ def sampler_from_config(name: str, steps: int | None, key: str) -> Any:
         sampler.steps = steps
     check_value_types(sampler, "sampler")
     return instantiate(sampler)
+
+
+def command_line_overrides() -> list[str]:
+    """The overrides of the running Hydra job (a sweep's included); none outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def chosen_option(group: str) -> str | None:
+    """The option of config group ``group`` the running Hydra job chose (``sampler=student``: ``student``); None
+    outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None

@@ -242,8 +242,10 @@ def test_the_gpu_check_trains_each_case_under_torchrun_and_reports_its_speed(tmp
 
     tiny = ["dataset.image_size=16", "model=unet_tiny", "trainer.batch_size=8", "callbacks.metrics.every=2",
             "trainer.device=cpu"]
-    (row,) = run_check(cases=[("fp32", False)], overrides=tiny, steps=6, workdir=tmp_path)
+    row, distill = run_check(cases=[("fp32", False)], overrides=tiny, steps=6, workdir=tmp_path)
     assert row["case"] == "fp32" and "error" not in row, row.get("error")
+    assert distill["case"] == "distill-bf16" and "error" not in distill, distill.get("error")
+    assert len(distill["windows"]) == 3 and all(math.isfinite(rate) and rate > 0 for rate in distill["windows"])
     assert (row["device"], row["precision"], row["compile"]) == ("cpu", "fp32", False)
     assert len(row["windows"]) == 3 and all(math.isfinite(rate) and rate > 0 for rate in row["windows"])
     assert list(tmp_path.iterdir()) == []  # the images and runs lived in a temporary folder, removed
@@ -269,6 +271,8 @@ def test_the_gpu_check_reports_the_median_window_after_the_first_against_the_pea
         (runs / "train" / "2026-01-01_00-00-00").mkdir(parents=True)
         lines = [json.dumps({"step": 25 * (i + 1), "images_per_sec": rate}) for i, rate in enumerate(windows)]
         (runs / "train" / "2026-01-01_00-00-00" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        (runs / "train" / "2026-01-01_00-00-00" / "checkpoints").mkdir()
+        (runs / "train" / "2026-01-01_00-00-00" / "checkpoints" / "last.pt").touch()
         return types.SimpleNamespace(returncode=0, stdout="", stderr="")
 
     monkeypatch.setattr(gpu_check, "subprocess", types.SimpleNamespace(run=training))
@@ -282,8 +286,8 @@ def test_the_gpu_check_reports_the_median_window_after_the_first_against_the_pea
     assert exit_code.value.code == 1
 
     rows = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [row["case"] for row in rows] == ["bf16", "bf16-compile", "fp16", "fp16-compile"]
-    for row in rows[:3]:
+    assert [row["case"] for row in rows] == ["bf16", "bf16-compile", "fp16", "fp16-compile", "distill-bf16"]
+    for row in [*rows[:3], rows[4]]:
         assert (row["images_per_sec"], row["windows"], row["flops_per_image"]) == (200.0, windows, 2e9)
         assert row["tflops_per_sec"] == pytest.approx(0.4) and row["utilisation"] == pytest.approx(0.1)
     assert rows[3]["error"] == "step 1\nCUDA error: out of memory" and "images_per_sec" not in rows[3]
@@ -291,6 +295,9 @@ def test_the_gpu_check_reports_the_median_window_after_the_first_against_the_pea
     assert bf16[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m"]
     assert {"trainer.precision=bf16", "trainer.compile=false", "trainer.max_steps=200"} <= set(bf16)
     assert bf16[-1] == "trainer.batch_size=32"  # the user's overrides come last, so they win
+    distill = commands[4]  # the first case's checkpoint as the teacher, with the user's trainer overrides
+    assert distill[6] == "diffusion.cli.distill" and distill[-1] == "trainer.batch_size=32"
+    assert distill[7].startswith("teacher=") and distill[7].endswith("bf16/train/2026-01-01_00-00-00/checkpoints/last.pt")
     printed = capsys.readouterr().out
     assert "2.00 GFLOP per training image" in printed and "matmul peak 4.0 TFLOP/s" in printed
     assert "bf16      200.0 img/s     0.40 TFLOP/s   10.0% of peak" in printed

@@ -87,7 +87,7 @@ CASES = [
                                                             r"cuda:N"),
     ("sample", ["cascade=digits_16_32", "cascade.stages.base.checkpoint={conditional}",
                 "cascade.stages.sr32.checkpoint={conditional}", "cascade.stages.base.sampler=nope"],
-     r"cascade.stages.base.sampler='nope' has no conf/sampler/nope.yaml; choose from \['ddim'"),
+     r"cascade.stages.base.sampler='nope' has no conf/sampler/nope.yaml; choose from \['consistency', 'ddim'"),
     ("sample", ["checkpoint={conditional}", "weights=ema_0.5"], r"weights='ema_0.5' is not in .*: it has raw, ema"),
     ("posthoc", ["checkpoint={conditional}", "sigma_rel=wide"], r"sigma_rel='wide' must be a number"),
     ("convert", [], r"checkpoint is not set \(it is \?\?\?\): pass checkpoint=\.\.\. on the command line"),

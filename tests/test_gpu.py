@@ -1,7 +1,7 @@
 """The CUDA paths on one GPU, run by ``pytest -m gpu`` (and skipped, saying why, where PyTorch sees no GPU): mixed
 precision with its gradient scaler and a skipped step, channels-last and compiled steps against eager ones,
-one-process NCCL DDP against no DDP, a CUDA checkpoint resumed on the CPU, GPU samples against CPU ones, and
-non-leaky augmentation on the GPU against the CPU.
+one-process NCCL DDP against no DDP, a CUDA checkpoint resumed on the CPU, GPU samples against CPU ones,
+non-leaky augmentation on the GPU against the CPU, and a distillation on the GPU resumed exactly.
 
 Tiny models and few steps; ``python -m diffusion.bench.gpu_check`` measures the speed of the same paths.
 """
@@ -187,3 +187,34 @@ def test_non_leaky_augmentation_on_the_gpu_moves_the_pixels_as_on_the_cpu():
     part = augment(x[32:].cuda(), torch.Generator("cuda").manual_seed(2), slice(32, 64), batch_size=64)
     assert full[0].device.type == full[1].device.type == "cuda" and full[1].ne(0).any(1).sum() > 32
     assert torch.equal(part[0], full[0][32:]) and torch.equal(part[1], full[1][32:])
+
+
+@pytest.mark.parametrize("method", ["consistency_tuning", "consistency_distillation"])
+def test_a_distillation_on_the_gpu_resumes_exactly_and_its_student_samples_as_on_the_cpu(tmp_path, monkeypatch,
+                                                                                         full_fp32, method):
+    """The teacher and the student on CUDA (the dropout shared between the student's two passes through the CUDA
+    generator's state): a run stopped by SIGTERM and resumed ends on the uninterrupted one's weights, and its
+    student's 2-step samples on the GPU match those on the CPU."""
+    from diffusion.cli.distill import distill
+    from tests.test_distillation import TEACHER, distill_overrides
+    from tests.test_train import stop_with_sigterm_at
+
+    train(compose_config("train", smoke_overrides(**TEACHER), tmp_path / "teacher"))
+    overrides = [f"method={method}", *distill_overrides(tmp_path / "teacher" / "checkpoints" / "last.pt"),
+                 "trainer.device=cuda"]
+    distill(compose_config("distill", overrides, tmp_path / "straight"), method)
+    with monkeypatch.context() as patch:
+        stop_with_sigterm_at(4, patch)
+        distill(compose_config("distill", overrides, tmp_path / "resumed"), method)
+    distill(compose_config("distill", [*overrides, f"resume={tmp_path / 'resumed'}"], tmp_path / "resumed"), method)
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    images = {}
+    for device in ("cuda", "cpu"):
+        student = load_trained(tmp_path / "straight" / "checkpoints" / "last.pt", device=device)
+        sampler = instantiate(compose_config("sample", ["sampler=consistency", "sampler.steps=2"]).sampler)
+        images[device] = generate(student.model, student.schedule, student.objective, sampler, list(range(8)),
+                                  (1, 16, 16), list(range(8)), 8)
+    torch.testing.assert_close(images["cuda"], images["cpu"], atol=1e-3, rtol=0)

@@ -499,10 +499,17 @@ def constant_denoiser(value: float, schedule):
 
 def test_every_sampler_but_the_seeds_clips_by_default():
     assert [path.stem for path in CLIPPING_CONFIGS] == [
-        "ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "edm", "euler", "euler_ancestral", "heun"]
+        "consistency", "ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "edm", "euler", "euler_ancestral",
+        "heun", "student"]
 
 
-@pytest.mark.parametrize("config", CLIPPING_CONFIGS, ids=[path.stem for path in CLIPPING_CONFIGS])
+# consistency sampling is made for a consistency function: driven by a denoiser, its last step is one denoising from
+# its lowest level (0.17 at 4 steps), which does not land on the data's points (tests/test_distillation.py drives it
+# with the exact consistency function of Gaussian data)
+DENOISER_SAMPLERS = [path for path in CLIPPING_CONFIGS if path.stem not in ("consistency", "student")]
+
+
+@pytest.mark.parametrize("config", DENOISER_SAMPLERS, ids=[path.stem for path in DENOISER_SAMPLERS])
 def test_every_clipping_sampler_with_its_shipped_settings_lands_on_data_inside_the_clip_range(config):
     """Data on two points inside [-1, 1]: the clamp changes no prediction, so the samples must land on the two
     points (every pixel within 0.01 of one) in the data's proportions (16,384 pixels: standard error 0.004)."""

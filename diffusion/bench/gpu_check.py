@@ -4,7 +4,9 @@ run end to end on one GPU, with its speed against the GPU's bf16 matmul peak. Ab
     python -m diffusion.bench.gpu_check [OVERRIDES...]
 
 Each case trains ``experiment=cars64`` (the 64x64 UNet) on generated 64x64 images for ``STEPS`` steps under
-``torchrun`` with one process (DDP over NCCL), with the given extra overrides; then it prints one line per case:
+``torchrun`` with one process (DDP over NCCL), with the given extra overrides; a last case distils the first case's
+model with ``diffusion-distill`` (consistency distillation, bf16) for as many steps, its teacher on the GPU beside its
+student (its FLOP/s count a training step's, so its utilisation reads low); then it prints one line per case:
 images per second (the median of the logged windows after the first, so compilation is left out), achieved
 TFLOP/s and utilisation of the bf16 peak measured here; ``gpu_check.json`` holds the same.
 
@@ -31,8 +33,10 @@ from diffusion.bench.measure import count_flops, peak_matmul_flops
 STEPS = 200
 # (precision, compile): bf16 and fp16 (with the gradient scaler), each without and with torch.compile
 CASES = (("bf16", False), ("bf16", True), ("fp16", False), ("fp16", True))
-BASE = ("experiment=cars64", "logger=none", "callbacks.sample_grid.every=0", "callbacks.checkpoint.every=0",
-        "callbacks.progress_bar.enabled=false", "callbacks.metrics.every=25", "trainer.num_workers=4")
+QUIET = ("logger=none", "callbacks.sample_grid.every=0", "callbacks.progress_bar.enabled=false",
+         "callbacks.metrics.every=25", "trainer.num_workers=4")
+# each case checkpoints once, at its end: the first one is the teacher of the distillation case
+BASE = ("experiment=cars64", *QUIET, f"callbacks.checkpoint.every={STEPS}")
 
 
 def make_images(folder: Path, count: int = 512, size: int = 64) -> Path:
@@ -79,6 +83,27 @@ def run_case(precision: str, compile: bool, data: Path, runs: Path, overrides: l
             "images_per_sec": statistics.median(rates[1:] or rates)}
 
 
+def run_distill_case(teacher_runs: Path, runs: Path, overrides: list[str], steps: int) -> dict:
+    """``diffusion-distill`` (consistency distillation, Heun's teacher step, bf16) of the first case's model for
+    ``steps`` steps under ``torchrun --nproc_per_node=1``, with the ``trainer.`` and ``callbacks.`` overrides among
+    ``overrides`` (the rest shaped the teacher); its images per second, as ``run_case``."""
+    name = "distill-bf16"
+    teachers = sorted(teacher_runs.glob("*/*/checkpoints/last.pt"))
+    if not teachers:
+        return {"case": name, "error": f"no teacher checkpoint under {teacher_runs}"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+               "-m", "diffusion.cli.distill", f"teacher={teachers[0]}", *QUIET, "callbacks.checkpoint.every=0",
+               "trainer.precision=bf16", "trainer.batch_size=128", f"trainer.max_steps={steps}",
+               f"paths.runs_dir={runs / name}", *[item for item in overrides if item.startswith(("trainer.", "callbacks."))]]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"case": name, "error": (result.stdout + result.stderr)[-3000:]}
+    (metrics,) = (runs / name).glob("*/*/metrics.jsonl")
+    rates = [json.loads(line)["images_per_sec"] for line in metrics.read_text().splitlines()]
+    return {"case": name, "precision": "bf16", "compile": False, "windows": rates,
+            "images_per_sec": statistics.median(rates[1:] or rates)}
+
+
 def run_check(cases=CASES, overrides: list[str] = (), steps: int = STEPS, workdir: Path | None = None) -> list[dict]:
     """Every case, with achieved FLOP/s and utilisation of the bf16 (or, on a CPU, fp32) matmul peak."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,6 +114,8 @@ def run_check(cases=CASES, overrides: list[str] = (), steps: int = STEPS, workdi
     with tempfile.TemporaryDirectory(prefix="gpu-check-", dir=workdir) as tmp:
         data = make_images(Path(tmp) / "data")
         rows = [run_case(p, c, data, Path(tmp) / "runs", list(overrides), steps) for p, c in cases]
+        first = f"{cases[0][0]}{'-compile' if cases[0][1] else ''}"
+        rows.append(run_distill_case(Path(tmp) / "runs" / first, Path(tmp) / "runs", list(overrides), steps))
     for row in rows:
         if "images_per_sec" in row:
             row["tflops_per_sec"] = flops * row["images_per_sec"] / 1e12

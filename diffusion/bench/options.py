@@ -38,6 +38,7 @@ class BenchOptions:
     seed: int
     processes: int = 1
     whole_sample: tuple[str, int] | None = None  # (sampler config, steps)
+    distill: bool = False  # also time each distillation method's step against a training step
 
 
 def model_setup(name: str, per_model: DictConfig) -> ModelSetup:
@@ -116,4 +117,5 @@ def read_options(cfg: DictConfig) -> BenchOptions:
         seed=int(cfg.seed),
         processes=int(cfg.processes),
         whole_sample=(str(whole.sampler), int(whole.steps)) if whole.enabled else None,
+        distill=bool(cfg.distill),
     )

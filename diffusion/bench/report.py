@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from diffusion.bench.distill_step import distillation_line
+
 COLUMNS = (
     ("model", "{model}"),
     ("size", "{image_size}x{image_size}x{channels}"),
@@ -53,6 +55,7 @@ def table(results: list[dict]) -> str:
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines += [whole_sample_line(row) for row in results if row.get("whole_sample")]
+    lines += [distillation_line(row) for row in results if row.get("distillation")]
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from diffusion.bench.measure import PeakMemory, count_flops, median, seconds_per
 from diffusion.bench.options import BenchOptions
 from diffusion.bench.report import top_ops
 from diffusion.bench.scaling import multi_process_training
+from diffusion.bench.distill_step import distillation_costs
 from diffusion.bench.whole_sample import whole_sample
 from diffusion.bench.workloads import (
     BareWorkload,
@@ -71,6 +72,10 @@ def bench_model(setup: ModelSetup, precision: str, parts: Parts, opts: BenchOpti
         train_times = seconds_per_step({**engines, "bare": bare}, device, opts.warmup, opts.repeats, opts.min_repeat_seconds)
         sample_times = seconds_per_step({**samplers, "bare": bare_sampler}, device, opts.warmup, opts.repeats,
                                         opts.min_repeat_seconds)
+        distillation = None
+        if opts.distill:
+            distillation = distillation_costs(setup, parts, precision, device, opts.seed, opts.warmup, opts.repeats,
+                                              opts.min_repeat_seconds)
         whole = None
         if opts.whole_sample and precision == "fp32":
             whole = whole_sample(setup, parts, weights, *opts.whole_sample, device, opts.seed)
@@ -127,6 +132,7 @@ def bench_model(setup: ModelSetup, precision: str, parts: Parts, opts: BenchOpti
             for variant in opts.variants[1:]
         },
         "whole_sample": whole,
+        "distillation": distillation,
     }
 
 

@@ -102,16 +102,17 @@ class EngineWorkload:
     """The engine's own loop: ``Trainer.fit`` for set-up and the first step, then ``Trainer.train_loop``.
 
     Each step is ``Trainer.train_step`` (zero_grad, forward, loss, backward, clipping, optimizer and
-    LR-scheduler step) plus the EMA update, as in a run; logging, sample grids and checkpoints are
+    LR-scheduler step) plus the EMA update, as in a run, of a plain ``DiffusionTask`` or of the ``task`` given; logging, sample grids and checkpoints are
     off, and the timed steps read one batch already on the device, so data loading is not timed.
     """
 
     def __init__(
-        self, trainer: Trainer, model: nn.Module, parts: Parts, batch: tuple[torch.Tensor, torch.Tensor], run_dir: Path
+        self, trainer: Trainer, model: nn.Module, parts: Parts, batch: tuple[torch.Tensor, torch.Tensor], run_dir: Path,
+        task: DiffusionTask | None = None,
     ) -> None:
         self.trainer = trainer
         trainer.max_steps = 1
-        task = DiffusionTask(model, parts.schedule, parts.objective, parts.optimizer, parts.lr_scheduler)
+        task = task or DiffusionTask(model, parts.schedule, parts.objective, parts.optimizer, parts.lr_scheduler)
         trainer.fit(task, TensorImageDataset(*batch), run_dir)
         rows = trainer.random.rows  # this rank's share
         self.batches = itertools.repeat(tuple(t[rows].to(trainer.device) for t in batch))

@@ -45,6 +45,11 @@ def describe(path: str | Path) -> str:
             model = cfg.model
             lines.append(f"images: {model.get('image_size', '?')}x{model.get('image_size', '?')}, "
                          f"{model.get('in_channels', '?')} channel(s)")
+        if "distilled_from" in cfg:
+            source, sampler = cfg.distilled_from, cfg.get("sampler", {})
+            lines.append(f"a student distilled from {source.teacher} ({source.weights} weights) by {source.method}; "
+                         f"it samples with {str(sampler.get('_target_', '?')).rsplit('.', 1)[-1]}, "
+                         f"{sampler.get('steps', '?')} steps, unless told otherwise")
     names = state.get("class_names") or []
     lines.append(f"classes of the data set ({len(names)}): {', '.join(names)}" if names else "classes: none")
     parameters = sum(value.numel() for value in state["model"].values() if value.is_floating_point())

@@ -14,7 +14,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.config import CONFIG_DIR, check_value_types, register_resolvers
+from diffusion.config import (
+    CONFIG_DIR,
+    check_value_types,
+    chosen_option,
+    command_line_overrides,
+    register_resolvers,
+)
 from diffusion.engine.contracts import LabelledDataset, SplitDataset
 from diffusion.engine.devices import resolve_device
 from diffusion.engine.run_dir import shown
@@ -39,7 +45,7 @@ from diffusion.evaluation.memorization import (
 from diffusion.process.generate import generate, sampling_progress
 from diffusion.process.labels import cycled_labels
 from diffusion.reports.images import save_grid, save_images
-from diffusion.weights.trained_model import load_trained
+from diffusion.weights.trained_model import load_trained, own_sampler, student_sampler
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +69,17 @@ def reference_dataset(cfg: DictConfig, split: str | None):
 
 def sample_checkpoint(cfg: DictConfig, device: torch.device, image_size: int, channels: int):
     """``num_images`` images sampled from the checkpoint (seed ``seed + i``, class ``i % num_classes``)."""
-    check_value_types(cfg.sampler, "sampler")
-    trained = load_trained(cfg.checkpoint, cfg.weights, device, OmegaConf.to_container(cfg.seed_format))
+    measures_student = chosen_option("sampler") == "student"  # conf/sampler/student.yaml
+    checkpoint = student_checkpoint(cfg) if measures_student else cfg.checkpoint
+    trained = load_trained(checkpoint, cfg.weights, device, OmegaConf.to_container(cfg.seed_format))
+    if measures_student:  # the student's own sampler at this sampler config's steps
+        if own_sampler(trained) is None:
+            raise ConfigError(f"student={checkpoint} is not a student of diffusion-distill (its config records no "
+                              "distilled_from): pass the checkpoint diffusion-distill wrote")
+        sampler_config = OmegaConf.merge(own_sampler(trained), {"steps": cfg.sampler.steps})
+    else:
+        sampler_config = student_sampler(cfg.sampler, trained, command_line_overrides())
+    check_value_types(sampler_config, "sampler")
     model, schedule, objective, state = trained.model, trained.schedule, trained.objective, trained.state
     if (model.image_size, model.in_channels) != (image_size, channels):
         raise ConfigError(
@@ -75,7 +90,7 @@ def sample_checkpoint(cfg: DictConfig, device: torch.device, image_size: int, ch
     num_classes, class_names = model.num_classes, trained.class_names
     labels = cycled_labels(cfg.num_images, num_classes)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
-    log.info("sampling %d images from %s (step %d, %s weights%s) on %s", cfg.num_images, shown(cfg.checkpoint),
+    log.info("sampling %d images from %s (step %d, %s weights%s) on %s", cfg.num_images, shown(checkpoint),
              state.get("step", -1), trained.weights,
              f", class i % {num_classes}, guidance scale {cfg.guidance_scale}" if num_classes else "", device)
     num_batches = -(-cfg.num_images // cfg.batch_size)
@@ -84,14 +99,32 @@ def sample_checkpoint(cfg: DictConfig, device: torch.device, image_size: int, ch
         forward_calls = []
         hook = model.register_forward_hook(lambda *_: forward_calls.append(1))
         try:
-            images = generate(model, schedule, objective, instantiate(cfg.sampler), seeds, image_shape, labels,
+            images = generate(model, schedule, objective, instantiate(sampler_config), seeds, image_shape, labels,
                               cfg.batch_size, callback=progress, guidance_scale=cfg.guidance_scale)
         finally:
             hook.remove()
-    source = {"checkpoint": str(cfg.checkpoint), "step": int(state.get("step", -1)), "weights": trained.weights,
+    source = {"checkpoint": str(checkpoint), "step": int(state.get("step", -1)), "weights": trained.weights,
               **{key: trained.chosen.info[key] for key in ("sigma_rel", "profile_error") if key in trained.chosen.info},
+              "sampler": OmegaConf.to_container(sampler_config, resolve=True), **training_time(state),
               "nfe": len(forward_calls) // num_batches}  # network evaluations per image (a guided pair counts once)
     return images, (torch.tensor(labels) if labels else None), source, class_names
+
+
+def training_time(state: dict) -> dict:
+    """The checkpoint's training seconds; for a distilled student also its teacher's and the two together."""
+    seconds = {"train_seconds": state.get("train_seconds")}
+    teacher = OmegaConf.create(state.get("config") or "{}").get("distilled_from", {}).get("teacher_train_seconds")
+    if teacher is not None and seconds["train_seconds"] is not None:
+        seconds.update(teacher_train_seconds=teacher, total_train_seconds=teacher + seconds["train_seconds"])
+    return seconds
+
+
+def student_checkpoint(cfg: DictConfig) -> str:
+    """The checkpoint ``sampler=student`` measures: ``student=PATH``, with an error naming it when it is missing."""
+    if not cfg.get("student"):
+        raise ConfigError("sampler=student measures the distilled student named by student=PATH (a checkpoint of "
+                          "diffusion-distill) beside checkpoint=<its teacher>: pass student=PATH")
+    return cfg.student
 
 
 def chosen_source(cfg: DictConfig) -> str:

@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.config import CONFIG_DIR, check_value_types
+from diffusion.config import CONFIG_DIR, check_value_types, command_line_overrides
 from diffusion.engine.devices import resolve_device
 from diffusion.engine.run_dir import shown
 from diffusion.errors import ConfigError, reported_errors
@@ -20,7 +20,7 @@ from diffusion.process.generate import generate, sampling_progress
 from diffusion.process.labels import resolve_class_labels
 from diffusion.reports.images import save_grid, save_images
 from diffusion.reports.trajectory import TrajectoryRecorder
-from diffusion.weights.trained_model import load_trained
+from diffusion.weights.trained_model import load_trained, student_sampler
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,9 @@ def sample(cfg: DictConfig) -> Path:
     trained = load_trained(cfg.checkpoint, cfg.weights, device, OmegaConf.to_container(cfg.seed_format))
     model, schedule, objective, state, class_names = (trained.model, trained.schedule, trained.objective,
                                                       trained.state, trained.class_names)
-    check_value_types(cfg.sampler, "sampler")
-    sampler = instantiate(cfg.sampler)
+    sampler_config = student_sampler(cfg.sampler, trained, command_line_overrides())
+    check_value_types(sampler_config, "sampler")
+    sampler = instantiate(sampler_config)
     # the model's own classes: a data set with sub-folders may still have trained an unconditional model
     labels, label_nrow = resolve_class_labels(cfg.class_label, cfg.num_images,
                                               class_names if model.num_classes else None, cfg.nrow or 8)

@@ -36,11 +36,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class SharedRandomness:
     """The random numbers of a step: one generator in step on every process, each drawing for the whole batch of
-    ``batch_size`` and keeping its own ``rows``, so a run's randomness does not depend on its number of processes."""
+    ``batch_size`` and keeping its own ``rows``, so a run's randomness does not depend on its number of processes;
+    and ``progress``, the share of the run done before this step (as the learning-rate schedule counts it), for a
+    loss that changes over a run (a distillation's gap)."""
 
     generator: torch.Generator
     batch_size: int
     rows: slice = field(default_factory=lambda: slice(None))
+    progress: float = 0.0
 
 
 class DiffusionTask:

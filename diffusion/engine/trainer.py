@@ -179,6 +179,7 @@ class Trainer:
             if self.stopped_by_signal is not None:
                 return
             start = time.perf_counter()
+            self.random.progress = self.schedule_position() / self.max_steps
             self.loss, self.grad_norm, finite = self.train_step(batches)
             self.step += 1
             self.averages.update(self.model, self.step)  # part of the step's work, so of its training time

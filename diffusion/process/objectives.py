@@ -249,3 +249,54 @@ class EDMObjective(Objective):
         levels beyond the schedule's range are clamped to it."""
         log_sigma = self.P_mean + self.P_std * torch.randn((count,), device=device, generator=generator)
         return schedule.sigma_to_t(log_sigma.exp())
+
+
+class ConsistencyObjective(Objective):
+    """A consistency function f(x; s) = c_skip(s) x + (s - s_min) / s (D(x; s) - c_skip^EDM(s) x) over any
+    ``base`` objective's denoiser D, with Song et al. 2023's skip scaling c_skip(s) = sigma_data^2 / ((s - s_min)^2 +
+    sigma_data^2) (Consistency Models, Eq. 7 and Appendix C). With an EDM base it is exactly their c_skip x + c_out F;
+    f(x; s_min) = x holds exactly (the boundary condition) and, away from s_min, f is the base denoiser, so a student
+    starts as its teacher. A distilled student samples with ``sampler=consistency``.
+
+    Args:
+        base: the teacher's objective (what the network's output means).
+        sigma_min: the smallest noise level, where f is the identity (the schedule's smallest).
+        sigma_data: the standard deviation of the images in the skip scaling (0.5 for images in [-1, 1]).
+    """
+
+    def __init__(self, base: Objective, sigma_min: float, sigma_data: float = 0.5) -> None:
+        super().__init__(loss=base.loss_name, huber_delta=base.huber_delta, weighting=base.weighting,
+                         min_snr_gamma=base.min_snr_gamma, p_uncond=base.p_uncond, min_timestep=base.min_timestep)
+        if isinstance(base, ConsistencyObjective):
+            raise ConfigError("objective.base is already a consistency function: give the teacher's objective")
+        if sigma_min <= 0 or sigma_data <= 0:
+            raise ConfigError(f"objective.sigma_min and objective.sigma_data must be positive, got {sigma_min} and "
+                              f"{sigma_data}")
+        self.base, self.sigma_min, self.sigma_data = base, float(sigma_min), float(sigma_data)
+
+    def skip_scaling(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c_skip, the base denoiser's weight (s - s_min) / s, EDM's c_skip) at noise levels ``s``."""
+        sd2, above = self.sigma_data**2, s - self.sigma_min
+        return sd2 / (above**2 + sd2), above / s, sd2 / (s**2 + sd2)
+
+    def to_x0_eps(self, output, x_t, alpha, sigma):
+        denoised, _ = self.base.to_x0_eps(output, x_t, alpha, sigma)
+        x, s = x_t / alpha, sigma / alpha
+        c_skip, weight, c_skip_edm = self.skip_scaling(s)
+        x0 = c_skip * x + weight * (denoised - c_skip_edm * x)
+        return x0, (x_t - alpha * x0) / sigma
+
+    def network_input(self, x_t, alpha, sigma):
+        return self.base.network_input(x_t, alpha, sigma)
+
+    def check_schedule(self, schedule):
+        self.base.check_schedule(schedule)
+
+    def target(self, x0, noise, alpha, sigma):
+        return self.base.target(x0, noise, alpha, sigma)
+
+    def x0_error_scale(self, snr):
+        return self.base.x0_error_scale(snr)
+
+    def draw_timesteps(self, schedule, count, device, generator=None):
+        return self.base.draw_timesteps(schedule, count, device, generator)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from diffusion.config import instantiate_from_checkpoint_config
@@ -13,6 +16,8 @@ from diffusion.engine.checkpoint import load_checkpoint, load_weights
 from diffusion.process.objectives import Objective
 from diffusion.process.schedules import NoiseSchedule
 from diffusion.weights.choose import ChosenWeights, choose_weights
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,3 +54,37 @@ def load_trained(path: str | Path, weights: str = "ema", device: torch.device | 
     num_classes = model.num_classes
     class_names = state.get("class_names") or ([str(i) for i in range(num_classes)] if num_classes else None)
     return TrainedModel(model.to(device).eval(), schedule.to(device), objective, state, chosen, class_names)
+
+
+def own_sampler(trained: TrainedModel) -> DictConfig | None:
+    """The sampler a distilled student was made for (its stored config's ``sampler``; ``diffusion-distill``), or None
+    for any other checkpoint."""
+    config = OmegaConf.create(trained.state.get("config") or "{}")
+    if "distilled_from" not in config or "sampler" not in config:
+        return None
+    return config.sampler
+
+
+def student_sampler(requested: DictConfig, trained: TrainedModel, overrides: Sequence[str],
+                    where: str = "sampler") -> DictConfig:
+    """The sampler config to use for ``trained``: ``requested`` for a teacher; for a distilled student its own
+    sampler, with the command line's ``sampler.<key>=`` overrides, unless the command line chose another sampler
+    (``sampler=<name>``), which is used with a one-line warning."""
+    own = own_sampler(trained)
+    if own is None:
+        return requested
+    chose = any(override.split("=", 1)[0].lstrip("+~") == where for override in overrides)
+    if not chose or requested.get("_target_") == own.get("_target_"):  # its own, with the command line's changes
+        keys = [override for override in overrides if override.startswith(f"{where}.")]
+        chosen = OmegaConf.merge(own, OmegaConf.from_dotlist([key[len(where) + 1:] for key in keys]))
+        log.info("a student distilled for %s: sampling with it, %s steps (choose another with %s=<name>)",
+                 sampler_name(chosen), chosen.get("steps"), where)
+        return chosen
+    log.warning("this checkpoint is a student distilled for %s (%s steps), not for %s: expect poor images (leave "
+                "%s unset to use its own)", sampler_name(own), own.get("steps"), sampler_name(requested), where)
+    return requested
+
+
+def sampler_name(node: DictConfig) -> str:
+    """A sampler config's short name: ``sample_consistency`` -> ``consistency``."""
+    return str(node.get("_target_", "?")).rsplit(".", 1)[-1].removeprefix("sample_")

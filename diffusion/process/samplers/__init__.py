@@ -13,10 +13,12 @@ must pass the first three; a callback must work without the others (a progress b
 - ``num_steps``: how many steps the sampler takes, the same at every step (every built-in sampler passes it).
 - ``t``: the training timestep the network was evaluated at in this step (DDPM, DDIM).
 - ``sigma``: the noise level sigma_t / alpha_t of ``x`` after this step (the samplers that work in noise
-  levels: Euler, Euler ancestral, Heun, DPM-Solver++(2M), its SDE variants and EDM's stochastic sampler).
+  levels: Euler, Euler ancestral, Heun, DPM-Solver++(2M), its SDE variants, EDM's stochastic sampler and
+  multistep consistency sampling).
 """
 
 from diffusion.process.samplers.budget import steps_for_nfe
+from diffusion.process.samplers.consistency import sample_consistency
 from diffusion.process.samplers.ddim import sample_ddim
 from diffusion.process.samplers.ddpm import sample_ddpm
 from diffusion.process.samplers.grids import karras_sigmas, log_snr_sigmas, sampling_sigmas, sampling_timesteps
@@ -27,5 +29,5 @@ from diffusion.process.samplers.stochastic import sample_dpmpp_2m_sde, sample_dp
 __all__ = [
     "Denoiser", "image_generators", "randn_per_image", "karras_sigmas", "log_snr_sigmas", "sampling_sigmas",
     "sampling_timesteps", "sample_ddpm", "sample_ddim", "sample_euler", "sample_heun", "sample_euler_ancestral",
-    "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_edm", "steps_for_nfe",
+    "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_edm", "sample_consistency", "steps_for_nfe",
 ]
