@@ -235,8 +235,20 @@ def test_a_student_config_needs_a_teacher_of_this_platform(teacher, tmp_path):
         student_config(cfg, "", "consistency_tuning")
     student = student_config(cfg, load_checkpoint(teacher)["config"], "consistency_tuning")
     assert student.objective.base._target_.endswith("EDMObjective") and student.objective.sigma_min == SIGMA_MIN
+    assert (student.model.dropout, student.model.base_channels, student.dataset.random_flip) == (0.1, 8, True)
+    changed = student_config(compose_config("distill", [f"teacher={teacher}", "+model.dropout=0.2",
+                                                        "+dataset.random_flip=false"]),
+                             load_checkpoint(teacher)["config"], "consistency_tuning")
+    assert (changed.model.dropout, changed.model.base_channels, changed.dataset.random_flip) == (0.2, 8, False)
     with pytest.raises(ConfigError, match="is already a distilled student"):
         student_config(cfg, OmegaConf.to_yaml(student), "consistency_tuning")
+    parts = dict(model=instantiate(student.model), schedule=instantiate(student.schedule),
+                 objective=instantiate(student.objective), optimizer=None, lr_scheduler=None, teacher=str(teacher))
+    with pytest.raises(ConfigError, match=r"method.teacher_guidance=3.0 guides the teacher's ODE step, which needs "
+                                          r"method.pair=teacher"):
+        ConsistencyDistillation(**parts, pair="data", teacher_guidance=3.0)
+    guided = ConsistencyDistillation(**parts, pair="teacher", teacher_guidance=3.0)  # a class-conditional teacher
+    assert guided.teacher_guidance == 3.0
     with pytest.raises(ConfigError, match=r"method.pair='teachr' is not known"):
         ConsistencyDistillation(None, LinearSchedule(10), ConsistencyObjective(EDMObjective(), 0.01), None, None,
                                 teacher=str(teacher), pair="teachr")

@@ -43,8 +43,8 @@ def student_config(cfg: DictConfig, teacher_config_yaml: str, method: str,
     schedule = instantiate(teacher.schedule)
     student = cfg.copy()
     OmegaConf.set_struct(student, False)
-    for key in FROM_TEACHER:
-        student[key] = teacher[key]
+    for key in FROM_TEACHER:  # the teacher's, with this command's changes (+dataset.root=..., +model.dropout=...)
+        student[key] = OmegaConf.merge(teacher[key], cfg.get(key) or {})
     student.objective = {"_target_": CONSISTENCY, "base": teacher.objective,
                          "sigma_min": float(f"{schedule.sigmas[0].item():.7g}"),  # float32's digits
                          "sigma_data": float(teacher.objective.get("sigma_data", 0.5))}

@@ -75,6 +75,10 @@ class ConsistencyDistillation(DiffusionTask):
                               f"{P_std} and {huber_c}")
         super().__init__(model, schedule, objective, optimizer, lr_scheduler)
         self.teacher = teacher if isinstance(teacher, TrainedModel) else load_trained(teacher, teacher_weights)
+        if teacher_guidance != 1.0 and (pair != "teacher" or not getattr(self.teacher.model, "null_label", None)):
+            raise ConfigError(f"method.teacher_guidance={teacher_guidance} guides the teacher's ODE step, which needs "
+                              "method.pair=teacher (method=consistency_distillation) and a class-conditional teacher "
+                              "trained with label dropout (objective.p_uncond > 0)")
         self.teacher.model.requires_grad_(False)
         model.load_state_dict(self.teacher.model.state_dict())  # the student starts as its teacher
         self.pair, self.teacher_solver, self.teacher_guidance = pair, teacher_solver, teacher_guidance
