@@ -30,6 +30,7 @@ from diffusion.process.samplers import image_generators, randn_per_image, sample
 from diffusion.process.schedules import EDMSchedule, LinearSchedule
 from diffusion.weights.trained_model import load_trained, student_sampler
 from tests.conftest import compose_config, smoke_overrides
+from tests.test_distributed import assert_trained_alike, finish, the_run, torchrun
 from tests.test_samplers import gaussian_data
 from tests.test_train import stop_with_sigterm_at
 
@@ -323,3 +324,16 @@ def test_the_students_two_passes_share_their_dropout(teacher, monkeypatch):
     shared = loss()
     monkeypatch.setattr(torch.random, "fork_rng", lambda **kwargs: contextlib.nullcontext())
     assert shared < 1e-3 * loss()
+
+
+@pytest.mark.slow
+def test_two_processes_distil_as_one_process_with_the_same_global_batch(tmp_path, teacher):
+    """Under torchrun the teacher's step and the student's two passes run on each process's share of the batch, the
+    student in DDP: the run ends where one process ends (no dropout here: it differs between processes)."""
+    overrides = [*distill_overrides(teacher, **{"trainer.accumulation_steps": 2, "callbacks.checkpoint.every": 5,
+                                                "+model.dropout": 0.0, "lr_scheduler": "constant",
+                                                "optimizer.lr": 0.01}), "~lr_scheduler.warmup_steps"]
+    finish(torchrun(*overrides, runs_dir=tmp_path / "two", command_name="distill"))
+    distill(compose_config("distill", overrides, tmp_path / "one"), "consistency_distillation")
+    assert_trained_alike(the_run(tmp_path / "two", "distill"), tmp_path / "one")
+

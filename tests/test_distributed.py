@@ -21,12 +21,13 @@ OVERRIDES = smoke_overrides(**{"lr_scheduler": "constant", "optimizer.lr": 0.01,
                                "callbacks.sample_grid.every": 0, "callbacks.checkpoint.every": 5})
 
 
-def torchrun(*args: str, runs_dir: Path, processes: int = 2, env: dict | None = None) -> subprocess.Popen:
-    """Start ``torchrun --nproc_per_node=N -m diffusion.cli.train ARGS`` writing under ``runs_dir``, with ``env``
-    added to the environment."""
+def torchrun(*args: str, runs_dir: Path, processes: int = 2, env: dict | None = None,
+             command_name: str = "train") -> subprocess.Popen:
+    """Start ``torchrun --nproc_per_node=N -m diffusion.cli.<command_name> ARGS`` writing under ``runs_dir``, with
+    ``env`` added to the environment."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO), **(env or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "diffusion.cli.train", *args, f"paths.runs_dir={runs_dir}"]
+               "-m", f"diffusion.cli.{command_name}", *args, f"paths.runs_dir={runs_dir}"]
     return subprocess.Popen(command, cwd=runs_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
@@ -39,9 +40,9 @@ def finish(process: subprocess.Popen, expect_success: bool = True) -> str:
     return output
 
 
-def the_run(runs_dir: Path) -> Path:
+def the_run(runs_dir: Path, task_name: str = "train") -> Path:
     """The single run directory a training wrote under ``runs_dir``."""
-    (run,) = (runs_dir / "train").iterdir()
+    (run,) = (runs_dir / task_name).iterdir()
     return run
 
 
