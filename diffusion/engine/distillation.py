@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from diffusion.data import random_hflip
+from diffusion.engine.checkpoint import load_weights
 from diffusion.engine.tasks import DiffusionTask, SharedRandomness
 from diffusion.errors import ConfigError
 from diffusion.process.generate import guided_output
@@ -80,7 +81,7 @@ class ConsistencyDistillation(DiffusionTask):
                               "method.pair=teacher (method=consistency_distillation) and a class-conditional teacher "
                               "trained with label dropout (objective.p_uncond > 0)")
         self.teacher.model.requires_grad_(False)
-        model.load_state_dict(self.teacher.model.state_dict())  # the student starts as its teacher
+        load_weights(model, self.teacher.model.state_dict(), what="teacher's weights")  # the student starts as it
         self.pair, self.teacher_solver, self.teacher_guidance = pair, teacher_solver, teacher_guidance
         self.P_mean, self.P_std, self.stages = P_mean, P_std, stages
         self.gap_k, self.gap_b, self.huber_c = gap_k, gap_b, huber_c
