@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from diffusion.cli.describe import describe
 from diffusion.cli.distill import distill, student_config
 from diffusion.cli.train import train
 from diffusion.engine.checkpoint import load_checkpoint
@@ -228,6 +229,8 @@ def test_a_student_is_a_checkpoint_that_samples_with_its_own_sampler(tmp_path, t
     assert "a student distilled for consistency (3 steps), not for ddim" in caplog.text
     teacher_model = load_trained(teacher)
     assert student_sampler(default, teacher_model, []) is default  # a teacher samples as it is told
+    assert f"a student distilled from {teacher} (ema weights) by consistency_tuning; it samples with " \
+           "sampler=consistency, 3 steps, unless told otherwise" in describe(tmp_path / "checkpoints" / "last.pt")
 
 
 def test_a_student_config_needs_a_teacher_of_this_platform(teacher, tmp_path):

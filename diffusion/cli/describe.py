@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from diffusion.engine.checkpoint import load_checkpoint
 from diffusion.weights.choose import averages_of, power_snapshots, primary_name, snapshot_folder
+from diffusion.weights.trained_model import sampler_name
 
 
 def describe_average(name: str, entry: dict) -> str:
@@ -48,8 +49,8 @@ def describe(path: str | Path) -> str:
         if "distilled_from" in cfg:
             source, sampler = cfg.distilled_from, cfg.get("sampler", {})
             lines.append(f"a student distilled from {source.teacher} ({source.weights} weights) by {source.method}; "
-                         f"it samples with {str(sampler.get('_target_', '?')).rsplit('.', 1)[-1]}, "
-                         f"{sampler.get('steps', '?')} steps, unless told otherwise")
+                         f"it samples with sampler={sampler_name(sampler)}, {sampler.get('steps', '?')} steps, "
+                         "unless told otherwise")
     names = state.get("class_names") or []
     lines.append(f"classes of the data set ({len(names)}): {', '.join(names)}" if names else "classes: none")
     parameters = sum(value.numel() for value in state["model"].values() if value.is_floating_point())
