@@ -246,6 +246,10 @@ def test_a_student_config_needs_a_teacher_of_this_platform(teacher, tmp_path):
     assert (changed.model.dropout, changed.model.base_channels, changed.dataset.random_flip) == (0.2, 8, False)
     with pytest.raises(ConfigError, match="is already a distilled student"):
         student_config(cfg, OmegaConf.to_yaml(student), "consistency_tuning")
+    foreign = OmegaConf.create(load_checkpoint(teacher)["config"])
+    foreign.schedule._target_ = "os.system"
+    with pytest.raises(ConfigError, match=r"the teacher's schedule names _target_ 'os.system', outside"):
+        student_config(cfg, OmegaConf.to_yaml(foreign), "consistency_tuning")
     parts = dict(model=instantiate(student.model), schedule=instantiate(student.schedule),
                  objective=instantiate(student.objective), optimizer=None, lr_scheduler=None, teacher=str(teacher))
     with pytest.raises(ConfigError, match=r"method.teacher_guidance=3.0 guides the teacher's ODE step, which needs "

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.cli.train import optimized_value, train
-from diffusion.config import CONFIG_DIR, register_resolvers
+from diffusion.config import CONFIG_DIR, check_targets, register_resolvers
 from diffusion.engine import distributed
 from diffusion.engine.checkpoint import load_checkpoint
 from diffusion.errors import ConfigError, reported_errors
@@ -40,6 +40,8 @@ def student_config(cfg: DictConfig, teacher_config_yaml: str, method: str,
     if teacher.objective.get("_target_") == CONSISTENCY:
         raise ConfigError(f"teacher={cfg.teacher} is already a distilled student (its objective is a consistency "
                           "function): distil its own teacher instead")
+    for key in (*FROM_TEACHER, "objective"):  # a checkpoint's config may name this package's classes alone
+        check_targets(teacher[key], where=f"the teacher's {key}")
     schedule = instantiate(teacher.schedule)
     student = cfg.copy()
     OmegaConf.set_struct(student, False)
