@@ -27,12 +27,12 @@ from diffusion.process.objectives import (
     VObjective,
     X0Objective,
 )
-from diffusion.process.samplers import image_generators, randn_per_image, sample_consistency
+from diffusion.process.samplers import sample_consistency
 from diffusion.process.schedules import EDMSchedule, LinearSchedule
 from diffusion.weights.trained_model import load_trained, student_sampler
 from tests.conftest import compose_config, smoke_overrides
 from tests.test_distributed import assert_trained_alike, finish, the_run, torchrun
-from tests.test_samplers import gaussian_data
+from tests.test_samplers import gaussian_data, gaussian_start
 from tests.test_train import stop_with_sigterm_at
 
 SIGMA_MIN = 0.002
@@ -82,9 +82,7 @@ def gaussian_consistency_denoiser(mu, std, schedule):
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_multistep_consistency_sampling_with_the_exact_function_reaches_the_data_distribution(steps):
     schedule = EDMSchedule(1000)
-    mu, std = gaussian_data()
-    generators = image_generators(range(16))
-    noise = randn_per_image(torch.empty(16, *mu.shape), generators)
+    mu, std, generators, noise = gaussian_start(64, 16)
     out = sample_consistency(gaussian_consistency_denoiser(mu, std, schedule), noise, schedule, generators,
                              steps=steps, clip_denoised=False)
     z = (out - mu) / std
@@ -99,9 +97,7 @@ def test_multistep_consistency_sampling_with_the_exact_function_reaches_the_data
 
 def test_consistency_levels_are_checked():
     schedule = EDMSchedule(1000)
-    mu, std = gaussian_data(4)
-    generators = image_generators(range(2))
-    noise = randn_per_image(torch.empty(2, *mu.shape), generators)
+    mu, std, generators, noise = gaussian_start(4, 2)
     denoiser = gaussian_consistency_denoiser(mu, std, schedule)
     with pytest.raises(ConfigError, match=r"sampler.levels must give steps - 1 = 1 noise levels after the first, got 2"):
         sample_consistency(denoiser, noise, schedule, generators, steps=2, levels=[1.0, 0.5])

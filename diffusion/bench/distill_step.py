@@ -29,16 +29,16 @@ def distillation_costs(setup: ModelSetup, parts: Parts, precision: str, device: 
     teacher = TrainedModel(copy.deepcopy(network).eval(), parts.schedule, parts.objective, {}, None, None)
     batch = synthetic_batch(setup.batch_size, setup.channels, setup.image_size, seed)
     student_objective = ConsistencyObjective(parts.objective, sigma_min=parts.schedule.sigmas[0].item())
+    def trainer():
+        return parts.trainer(batch_size=setup.batch_size, accumulation_steps=1, precision=precision,
+                             device=str(device))
+
     with tempfile.TemporaryDirectory(prefix="diffusion-bench-distill-") as tmp:
-        engines = {"training": EngineWorkload(parts.trainer(batch_size=setup.batch_size, accumulation_steps=1,
-                                                            precision=precision, device=str(device)),
-                                              copy.deepcopy(network), parts, batch, Path(tmp) / "training")}
+        engines = {"training": EngineWorkload(trainer(), copy.deepcopy(network), parts, batch, Path(tmp) / "training")}
         for name, pair, solver in METHODS:
             task = ConsistencyDistillation(copy.deepcopy(network), parts.schedule, student_objective, parts.optimizer,
                                            parts.lr_scheduler, teacher=teacher, pair=pair, teacher_solver=solver)
-            trainer = parts.trainer(batch_size=setup.batch_size, accumulation_steps=1, precision=precision,
-                                    device=str(device))
-            engines[name] = EngineWorkload(trainer, task.model, parts, batch, Path(tmp) / name, task=task)
+            engines[name] = EngineWorkload(trainer(), task.model, parts, batch, Path(tmp) / name, task=task)
         times = seconds_per_step(engines, device, warmup, repeats, min_repeat_seconds)
     rates = {name: setup.batch_size / median(seconds) for name, seconds in times.items()}
     return {"images_per_sec": rates,

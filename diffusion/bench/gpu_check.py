@@ -67,13 +67,11 @@ def training_flops_per_image(overrides: list[str]) -> float:
     return count_flops(lambda: objective.loss(model, schedule, images).mean().backward()) / 2
 
 
-def run_case(precision: str, compile: bool, data: Path, runs: Path, overrides: list[str], steps: int) -> dict:
-    """Train one case under ``torchrun --nproc_per_node=1``; its images per second from ``metrics.jsonl``."""
-    name = f"{precision}{'-compile' if compile else ''}"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-               "-m", "diffusion.cli.train", *BASE, f"dataset.root={data}", f"trainer.max_steps={steps}",
-               f"trainer.precision={precision}", f"trainer.compile={str(compile).lower()}",
-               f"paths.runs_dir={runs / name}", *overrides]
+def torchrun_case(name: str, arguments: list[str], runs: Path, precision: str, compile: bool) -> dict:
+    """Run ``python -m diffusion.cli.<arguments>`` under ``torchrun --nproc_per_node=1`` writing under
+    ``runs/name``; its images per second from ``metrics.jsonl``: the median of the windows after the first."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+               *arguments]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         return {"case": name, "error": (result.stdout + result.stderr)[-3000:]}
@@ -81,6 +79,14 @@ def run_case(precision: str, compile: bool, data: Path, runs: Path, overrides: l
     rates = [json.loads(line)["images_per_sec"] for line in metrics.read_text().splitlines()]
     return {"case": name, "precision": precision, "compile": compile, "windows": rates,
             "images_per_sec": statistics.median(rates[1:] or rates)}
+
+
+def run_case(precision: str, compile: bool, data: Path, runs: Path, overrides: list[str], steps: int) -> dict:
+    """Train one case under ``torchrun --nproc_per_node=1``; its images per second from ``metrics.jsonl``."""
+    name = f"{precision}{'-compile' if compile else ''}"
+    return torchrun_case(name, ["diffusion.cli.train", *BASE, f"dataset.root={data}", f"trainer.max_steps={steps}",
+                                f"trainer.precision={precision}", f"trainer.compile={str(compile).lower()}",
+                                f"paths.runs_dir={runs / name}", *overrides], runs, precision, compile)
 
 
 def run_distill_case(teacher_runs: Path, runs: Path, overrides: list[str], steps: int) -> dict:
@@ -91,17 +97,11 @@ def run_distill_case(teacher_runs: Path, runs: Path, overrides: list[str], steps
     teachers = sorted(teacher_runs.glob("*/*/checkpoints/last.pt"))
     if not teachers:
         return {"case": name, "error": f"no teacher checkpoint under {teacher_runs}"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-               "-m", "diffusion.cli.distill", f"teacher={teachers[0]}", *QUIET, "callbacks.checkpoint.every=0",
-               "trainer.precision=bf16", "trainer.batch_size=128", f"trainer.max_steps={steps}",
-               f"paths.runs_dir={runs / name}", *[item for item in overrides if item.startswith(("trainer.", "callbacks."))]]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        return {"case": name, "error": (result.stdout + result.stderr)[-3000:]}
-    (metrics,) = (runs / name).glob("*/*/metrics.jsonl")
-    rates = [json.loads(line)["images_per_sec"] for line in metrics.read_text().splitlines()]
-    return {"case": name, "precision": "bf16", "compile": False, "windows": rates,
-            "images_per_sec": statistics.median(rates[1:] or rates)}
+    own = [item for item in overrides if item.startswith(("trainer.", "callbacks."))]
+    return torchrun_case(name, ["diffusion.cli.distill", f"teacher={teachers[0]}", *QUIET,
+                                "callbacks.checkpoint.every=0", "trainer.precision=bf16", "trainer.batch_size=128",
+                                f"trainer.max_steps={steps}", f"paths.runs_dir={runs / name}", *own],
+                         runs, "bf16", False)
 
 
 def run_check(cases=CASES, overrides: list[str] = (), steps: int = STEPS, workdir: Path | None = None) -> list[dict]:

@@ -10,7 +10,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.cli.train import optimized_value, train
+from diffusion.cli.train import in_process_group, optimized_value, train
 from diffusion.config import CONFIG_DIR, check_targets, register_resolvers
 from diffusion.engine import distributed
 from diffusion.engine.checkpoint import load_checkpoint
@@ -89,13 +89,7 @@ def run(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Entry point of ``diffusion-distill`` and ``python -m diffusion.cli.distill``, alone or under torchrun."""
-    distributed.init_process_group()
-    finished = False
-    try:
-        run()
-        finished = True
-    finally:
-        distributed.close_process_group(wait_for_others=finished)
+    in_process_group(run)
 
 
 if __name__ == "__main__":

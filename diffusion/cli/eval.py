@@ -73,10 +73,10 @@ def sample_checkpoint(cfg: DictConfig, device: torch.device, image_size: int, ch
     checkpoint = student_checkpoint(cfg) if measures_student else cfg.checkpoint
     trained = load_trained(checkpoint, cfg.weights, device, OmegaConf.to_container(cfg.seed_format))
     if measures_student:  # the student's own sampler at this sampler config's steps
-        if own_sampler(trained) is None:
+        if (own := own_sampler(trained)) is None:
             raise ConfigError(f"student={checkpoint} is not a student of diffusion-distill (its config records no "
                               "distilled_from): pass the checkpoint diffusion-distill wrote")
-        sampler_config = OmegaConf.merge(own_sampler(trained), {"steps": cfg.sampler.steps})
+        sampler_config = OmegaConf.merge(own, {"steps": cfg.sampler.steps})
     else:
         sampler_config = student_sampler(cfg.sampler, trained, command_line_overrides())
     check_value_types(sampler_config, "sampler")

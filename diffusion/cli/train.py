@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -125,19 +126,21 @@ def run(cfg: DictConfig) -> float | None:
     return optimized_value(result, cfg.optimized_metric)
 
 
-def main() -> None:
-    """Entry point of ``diffusion-train`` and ``python -m diffusion.cli.train``, alone or under torchrun/srun.
-
-    Several processes join their group before Hydra composes the config, so that rank 0 names the run
-    directory and every process writes into the same one.
-    """
+def in_process_group(hydra_app: Callable[[], object]) -> None:
+    """Run a training command's Hydra app, alone or under torchrun/srun: several processes join their group before
+    Hydra composes the config, so that rank 0 names the run directory and every process writes into the same one."""
     distributed.init_process_group()
     finished = False
     try:
-        run()
+        hydra_app()
         finished = True
     finally:
         distributed.close_process_group(wait_for_others=finished)
+
+
+def main() -> None:
+    """Entry point of ``diffusion-train`` and ``python -m diffusion.cli.train``, alone or under torchrun/srun."""
+    in_process_group(run)
 
 
 if __name__ == "__main__":

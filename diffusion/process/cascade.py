@@ -21,7 +21,13 @@ from diffusion.errors import ConfigError, UserError
 from diffusion.models.super_resolution import upsample
 from diffusion.process.generate import generate
 from diffusion.reports.images import save_grid
-from diffusion.weights.trained_model import TrainedModel, load_trained, own_sampler, sampler_name
+from diffusion.weights.trained_model import (
+    TrainedModel,
+    load_trained,
+    own_sampler,
+    sampler_name,
+    warn_not_made_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +61,7 @@ def load_stages(cascade: DictConfig, device: torch.device) -> list[Stage]:
         trained = load_trained(node.checkpoint, node.get("weights", "ema"), device)
         sampler = sampler_from_config(node.sampler, node.get("steps"), f"cascade.stages.{name}.sampler")
         if (own := own_sampler(trained)) is not None and sampler_name(own) != node.sampler:
-            log.warning("cascade stage %r is a student distilled for sampler %s (%s steps), not for %s: expect poor "
-                        "images (set cascade.stages.%s.sampler=%s)", name, sampler_name(own), own.get("steps"),
-                        node.sampler, name, sampler_name(own))
+            warn_not_made_for(own, node.sampler, f"set cascade.stages.{name}.sampler={sampler_name(own)}")
         stages.append(Stage(name, trained, sampler, float(node.get("guidance_scale", 1.0)),
                             float(node.get("aug_level", 0.0))))
     if not stages:

@@ -80,9 +80,14 @@ def student_sampler(requested: DictConfig, trained: TrainedModel, overrides: Seq
         log.info("a student distilled for %s: sampling with it, %s steps (choose another with %s=<name>)",
                  sampler_name(chosen), chosen.get("steps"), where)
         return chosen
-    log.warning("this checkpoint is a student distilled for %s (%s steps), not for %s: expect poor images (leave "
-                "%s unset to use its own)", sampler_name(own), own.get("steps"), sampler_name(requested), where)
+    warn_not_made_for(own, sampler_name(requested), f"leave {where} unset to use its own")
     return requested
+
+
+def warn_not_made_for(own: DictConfig, requested: str, fix: str) -> None:
+    """The one-line warning for a student asked to sample with ``requested``, a sampler it was not made for."""
+    log.warning("this checkpoint is a student distilled for %s (%s steps), not for %s: expect poor images (%s)",
+                sampler_name(own), own.get("steps"), requested, fix)
 
 
 def sampler_name(node: DictConfig) -> str:
