@@ -1,7 +1,8 @@
 """The CUDA paths on one GPU, run by ``pytest -m gpu`` (and skipped, saying why, where PyTorch sees no GPU): mixed
 precision with its gradient scaler and a skipped step, channels-last and compiled steps against eager ones,
 one-process NCCL DDP against no DDP, a CUDA checkpoint resumed on the CPU, GPU samples against CPU ones,
-non-leaky augmentation on the GPU against the CPU, and a distillation on the GPU resumed exactly.
+non-leaky augmentation on the GPU against the CPU, a distillation on the GPU resumed exactly, and a run on shards
+reading on the GPU what it reads on the CPU.
 
 Tiny models and few steps; ``python -m diffusion.bench.gpu_check`` measures the speed of the same paths.
 """
@@ -218,3 +219,19 @@ def test_a_distillation_on_the_gpu_resumes_exactly_and_its_student_samples_as_on
         images[device] = generate(student.model, student.schedule, student.objective, sampler, list(range(8)),
                                   (1, 16, 16), list(range(8)), 8)
     torch.testing.assert_close(images["cuda"], images["cpu"], atol=1e-3, rtol=0)
+
+
+def test_a_run_on_shards_with_pinned_memory_and_workers_reads_on_cuda_what_it_reads_on_the_cpu(tmp_path):
+    """dataset=shards on the GPU path (pinned batches from two loader workers, NCCL DDP on one process): the same
+    images in the same order as on the CPU, each once per epoch."""
+    from tests.test_shards import data_order, finished, shard_overrides, shard_set, start_torchrun
+
+    shard_set(tmp_path / "set", count=64, shard_size=16)
+    args = shard_overrides(tmp_path / "set", "trainer.max_steps=12", "trainer.num_workers=2",
+                           "callbacks.checkpoint.every=4", "trainer.device=cuda")
+    output = finished(start_torchrun(tmp_path / "gpu", 1, *args))
+    assert "on cuda:0 for 12 steps" in output
+    train(compose_config("train", [*args[:-1], "trainer.device=cpu"], tmp_path / "cpu"))
+    (gpu_run,) = (tmp_path / "gpu" / "train").iterdir()
+    assert data_order(gpu_run) == data_order(tmp_path / "cpu")
+    assert sorted(i for step in range(1, 9) for i in data_order(gpu_run)[step]) == list(range(64))

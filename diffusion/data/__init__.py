@@ -11,6 +11,7 @@ _EXPORTS = {
     "ImageFolderDataset": "diffusion.data.image_folder",
     "LowResolutionPairs": "diffusion.data.pairs",
     "TensorImageDataset": "diffusion.data.tensor",
+    "ShardDataset": "diffusion.data.shards",
     "EpochBatchSampler": "diffusion.data.loader",
     "build_loader": "diffusion.data.loader",
     "random_hflip": "diffusion.data.loader",

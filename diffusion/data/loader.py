@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+import bisect
 import re
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from diffusion.engine.contracts import BatchedDataset, FileBackedDataset
+from diffusion.engine.contracts import BatchedDataset, FileBackedDataset, ShardedDataset
 from diffusion.errors import ConfigError, DataError
 
 
 class EpochBatchSampler(Sampler[list[int]]):
-    """Shuffled full batches: epoch e is a permutation drawn from ``seed + e``, started at ``start_batch``.
+    """Shuffled full batches: epoch e is an order drawn from ``seed + e``, started at ``start_batch``; the last
+    partial batch of an epoch is dropped (fewer than ``batch_size`` images, others each epoch).
+
+    The order is a permutation of all items, or for data in shards (``shard_sizes``) ``shard_window_order``: the
+    shards in a random order, the images of every ``shuffle_shards`` consecutive ones shuffled together.
 
     With several processes, ``batch_size`` is the whole batch and process ``rank`` reads its own consecutive
     share of each batch, so the order of the data, and where a resumed run continues, do not depend on the
-    number of processes.
+    number of processes (nor of loader workers, which take whole batches in turn).
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shard_sizes: list[int] | None = None, shuffle_shards: int = 1,
+                 prefetch: Callable[[list[int]], None] | None = None) -> None:
         if num_items < batch_size:
             raise DataError(
                 f"the data set has {num_items} images, fewer than one batch of {batch_size}: "
@@ -37,6 +44,29 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.rows = slice(rank * share, (rank + 1) * share)
         self.epoch = 0
         self.start_batch = 0
+        self.shard_sizes, self.shuffle_shards, self.prefetch = shard_sizes, shuffle_shards, prefetch
+        self.orders: dict[int, tuple[list[int], list[tuple[int, list[int]]]]] = {}  # recent epochs' orders, windows
+
+    def order(self, epoch: int) -> list[int]:
+        """Every item of epoch ``epoch``, in the order they are read."""
+        return self.ordered(epoch)[0]
+
+    def ordered(self, epoch: int) -> tuple[list[int], list[tuple[int, list[int]]]]:
+        """The order of epoch ``epoch`` and its shard windows, as (position in the order where each starts, its
+        shards); one window of no shards for data not in shards."""
+        if epoch not in self.orders:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            if self.shard_sizes is None:
+                ordered = torch.randperm(self.num_items, generator=generator).tolist(), [(0, [])]
+            else:
+                ordered = shard_window_order(self.shard_sizes, self.shuffle_shards, generator)
+            self.orders = {e: o for e, o in self.orders.items() if e >= epoch - 1}
+            self.orders[epoch] = ordered
+        return self.orders[epoch]
+
+    def batch_indices(self, epoch: int, batch: int) -> list[int]:
+        """The items of batch ``batch`` of epoch ``epoch`` that this process reads."""
+        return self.order(epoch)[batch * self.batch_size : (batch + 1) * self.batch_size][self.rows]
 
     def set_position(self, epoch: int, start_batch: int = 0) -> None:
         """Iterate epoch ``epoch`` from its batch ``start_batch`` on."""
@@ -47,10 +77,36 @@ class EpochBatchSampler(Sampler[list[int]]):
         return self.num_items // self.batch_size - self.start_batch
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_items, generator=generator).tolist()
+        windows = self.ordered(self.epoch)[1]
+        starts = [start for start, _ in windows]
+        fetched = -1  # the last window whose shards were handed to ``prefetch``
         for b in range(self.start_batch, self.num_items // self.batch_size):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size][self.rows]
+            if self.prefetch is not None:  # the shards of the window being read and of the next one
+                current = bisect.bisect_right(starts, (b + 1) * self.batch_size - 1) - 1
+                for window in range(fetched + 1, min(current + 2, len(windows))):
+                    self.prefetch(windows[window][1])
+                fetched = max(fetched, min(current + 1, len(windows) - 1))
+            yield self.batch_indices(self.epoch, b)
+
+
+def shard_window_order(shard_sizes: list[int], shuffle_shards: int,
+                       generator: torch.Generator) -> tuple[list[int], list[tuple[int, list[int]]]]:
+    """The items of shards of these sizes (shard k holds the next ``shard_sizes[k]`` indices) in a streaming order:
+    the shards permuted, then the images of every ``shuffle_shards`` consecutive shards permuted together, a shuffle
+    buffer of whole shards (WebDataset's shard shuffle and sample buffer, made exact so that it can resume). Returns
+    the order and its windows: (position where each starts, its shards)."""
+    starts = [0]
+    for size in shard_sizes:
+        starts.append(starts[-1] + size)
+    shards = torch.randperm(len(shard_sizes), generator=generator).tolist()
+    order: list[int] = []
+    windows = []
+    for first in range(0, len(shards), shuffle_shards):
+        members = shards[first:first + shuffle_shards]
+        windows.append((len(order), members))
+        window = torch.cat([torch.arange(starts[k], starts[k + 1]) for k in members])
+        order += window[torch.randperm(len(window), generator=generator)].tolist()
+    return order, windows
 
 
 def _ignore_sigint(_worker_id: int) -> None:
@@ -67,7 +123,10 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
                  world_size: int = 1) -> DataLoader:
     """A DataLoader over ``EpochBatchSampler`` (this process's share of each batch); its workers' seeds come
     from a fixed generator, not the global RNG."""
-    sampler = EpochBatchSampler(len(dataset), batch_size, seed, rank, world_size)
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed, rank, world_size,
+                                **(dict(shard_sizes=dataset.shard_sizes(), shuffle_shards=dataset.shuffle_shards,
+                                        prefetch=getattr(dataset, "prefetch", None))
+                                   if isinstance(dataset, ShardedDataset) else {}))
     if num_workers > 0 and isinstance(dataset, FileBackedDataset):
         dataset.track_workers(num_workers)
     return DataLoader(

@@ -14,7 +14,6 @@ import os
 import shutil
 import sys
 import time
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from functools import partial
@@ -24,13 +23,13 @@ from omegaconf import DictConfig
 from PIL import ImageColor, ImageFile
 from tqdm import tqdm
 
-from diffusion.data.prepare_image import DEFECTS, FITS, ImageSettings, Inspection, prepare_file
+from diffusion.data.prepare_image import FITS, ImageSettings, Inspection, prepare_file
+from diffusion.data.prepare_report import REPORT, build_report, summary
+from diffusion.data.prepare_shards import ShardOutput, check_shard_options, remove_stale_shards
 from diffusion.errors import ConfigError, DataError, PathNotFound
 
 log = logging.getLogger(__name__)
 
-REPORT = "prepare_report.json"
-REASONS = (*DEFECTS, "duplicate", "duplicate_name")
 # raise when a change of this code changes the files it writes: a report of another version is not reused
 FORMAT_VERSION = 1
 
@@ -39,23 +38,36 @@ def prepare(cfg: DictConfig) -> dict:
     """Prepare ``cfg.src`` into ``cfg.dst``; print a summary, write ``prepare_report.json``, return the report."""
     start = time.perf_counter()
     src, dst, quarantine = check_folders(cfg.src, cfg.dst, cfg.quarantine_dir)
-    settings = check_settings(cfg)
+    shard_options = check_shard_options(cfg)
+    settings = check_settings(cfg, output="pixels" if shard_options else "png")
     workers = check_workers(cfg.num_workers)
     previous = previous_report(dst)
     files, skipped = list_files(src)
-    options = {**asdict(settings), "quarantine_dir": str(quarantine), "format_version": FORMAT_VERSION}
+    options = {**asdict(settings), "quarantine_dir": str(quarantine), "format_version": FORMAT_VERSION,
+               **shard_options}
+    del options["output"]  # implied by the format
     reusable = previous.get("complete") and previous.get("settings") == options
     dst.mkdir(parents=True, exist_ok=True)
     if not (dst / REPORT).is_file():
         write_json(dst / REPORT, {"complete": False, "settings": options})  # marks dst as this command's
-    folder = Preparation(src, dst, quarantine, settings, previous.get("files", []) if reusable else [])
+    shards = None
+    if shard_options:
+        shards = ShardOutput(dst, settings, shard_options, class_folders=any("/" in source for source in files))
+        # the shards are all rewritten unless nothing changed: one new image moves every image after it
+        shards.writing = not (reusable and shards.up_to_date() and unchanged_files(src, files, previous))
+        reusable = reusable and not shards.writing
+    folder = Preparation(src, dst, quarantine, settings, previous.get("files", []) if reusable else [], shards)
     with tqdm(total=len(files), desc="prepare", unit="file", dynamic_ncols=True,
               disable=not sys.stderr.isatty()) as bar:
         records = folder.run(files, workers, bar)
     previous_roots = [dst, Path(previous.get("settings", {}).get("quarantine_dir", quarantine))]
     removed = remove_stale(previous.get("files", []), records, dst, previous_roots)
+    if shards is not None and shards.writing:
+        shards.finish(src)
+    elif shards is None:
+        removed += remove_stale_shards(dst)  # an earlier format=shards run into dst
     seconds = time.perf_counter() - start
-    report = build_report(src, dst, options, workers, records, folder, removed, skipped, seconds)
+    report = build_report(src, dst, options, workers, records, folder, removed, skipped, seconds, shards)
     write_json(dst / REPORT, report)
     write_json(Path(cfg.paths.output_dir) / REPORT, report)
     print(summary(report))
@@ -82,7 +94,7 @@ def check_folders(src: str, dst: str, quarantine_dir: str) -> tuple[Path, Path, 
     return src_path, dst_path, Path(str(quarantine_dir)).expanduser().resolve()
 
 
-def check_settings(cfg: DictConfig) -> ImageSettings:
+def check_settings(cfg: DictConfig, output: str = "png") -> ImageSettings:
     """The image options, each checked, with the fix in the message."""
     for name in ("image_size", "min_size"):
         value, least = cfg[name], 1 if name == "image_size" else 0
@@ -104,7 +116,7 @@ def check_settings(cfg: DictConfig) -> ImageSettings:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process, so truncated files would pass "
                            "for good ones: set it to False before preparing a folder")
     return ImageSettings(image_size=cfg.image_size, channels=cfg.channels, fit=cfg.fit, background=str(cfg.background),
-                         pad_color=str(cfg.pad_color), min_size=cfg.min_size)
+                         pad_color=str(cfg.pad_color), min_size=cfg.min_size, output=output)
 
 
 def check_workers(num_workers: int | None) -> int:
@@ -152,17 +164,29 @@ def list_files(src: Path) -> tuple[list[str], int]:
     return sorted(files), skipped
 
 
+def unchanged_files(src: Path, files: list[str], previous: dict) -> bool:
+    """Whether ``files`` are exactly the previous run's, each of the size and modification time it recorded."""
+    recorded = {record["source"]: (record["bytes"], record["mtime_ns"]) for record in previous.get("files", [])}
+    if set(recorded) != set(files):
+        return False
+    return all((stat.st_size, stat.st_mtime_ns) == recorded[source]
+               for source, stat in ((source, (src / source).stat()) for source in files))
+
+
 class Preparation:
     """Decides in sorted path order what becomes of each file, and writes it.
 
     Each file is inspected (in a worker) on its own; then the first of several files with the same bytes is kept
     and the others are ``duplicate``; the first good image to become ``<name>.png`` takes the name and any later
     one is ``duplicate_name``. A file whose size and modification time match the previous run's record is not
-    read again: its inspection is taken from the record.
+    read again: its inspection is taken from the record. With ``shards``, kept images go into shards instead of
+    PNG files (and their names cannot clash there).
     """
 
-    def __init__(self, src: Path, dst: Path, quarantine: Path, settings: ImageSettings, previous: list[dict]) -> None:
+    def __init__(self, src: Path, dst: Path, quarantine: Path, settings: ImageSettings, previous: list[dict],
+                 shards: ShardOutput | None = None) -> None:
         self.src, self.dst, self.quarantine, self.settings = src, dst, quarantine, settings
+        self.shards = shards
         self.previous = {record["source"]: record for record in previous}
         self.first_with_digest: dict[str, str] = {}
         # output names compare case-folded, so that dst can be copied to a case-insensitive file system
@@ -213,7 +237,7 @@ class Preparation:
             earlier = self.first_with_digest.setdefault(inspection.sha256, source)
             if earlier != source:
                 reason, detail = "duplicate", f"same bytes as {earlier}"
-            elif output.casefold() in self.output_taken_by:
+            elif self.shards is None and output.casefold() in self.output_taken_by:
                 reason, detail = "duplicate_name", f"{self.output_taken_by[output.casefold()]} already became {output}"
             else:
                 self.output_taken_by[output.casefold()] = source
@@ -230,6 +254,8 @@ class Preparation:
 
     def settle(self, record: dict, inspection: Inspection, hit: dict | None) -> bool:
         """Write the record's output or quarantine copy where it is missing or differs; False when a PNG is needed."""
+        if self.shards is not None and record["status"] == "kept":
+            return self.settle_in_shards(record, inspection, hit)
         target = self.dst / record["destination"]  # an absolute destination stays absolute
         same_fate = hit and (hit["status"], hit["destination"]) == (record["status"], record["destination"])
         if same_fate and target.is_file():
@@ -243,6 +269,18 @@ class Preparation:
             changed = write_if_changed(target, inspection.png)
         self.written += changed
         self.unchanged += not changed
+        return True
+
+    def settle_in_shards(self, record: dict, inspection: Inspection, hit: dict | None) -> bool:
+        """Append a kept image to the shards being written, or keep its place from the previous run."""
+        if not self.shards.writing:
+            record["destination"] = hit["destination"]
+            self.unchanged += 1
+            return True
+        if inspection.pixels is None:
+            return False
+        record["destination"] = self.shards.add(record, inspection.pixels)
+        self.written += 1
         return True
 
     def shown_destination(self, path: Path) -> str:
@@ -286,62 +324,13 @@ def remove_stale(previous: list[dict], records: list[dict], dst: Path, roots: li
     wanted = {record["destination"] for record in records}
     removed = 0
     for record in previous:
+        if record["destination"] is None:  # an image left out of shards
+            continue
         path = (dst / record["destination"]).resolve()
         if record["destination"] not in wanted and path.is_file() and any(root in path.parents for root in roots):
             path.unlink()
             removed += 1
     return removed
-
-
-def build_report(src: Path, dst: Path, options: dict, workers: int, records: list[dict], folder: Preparation,
-                 removed: int, skipped: int, seconds: float) -> dict:
-    """Counts, timings and every file's record (the next run's starting point)."""
-    kept = [record for record in records if record["status"] == "kept"]
-    quarantined = [record for record in records if record["status"] == "quarantined"]
-    by_reason = Counter(record["reason"] for record in quarantined)
-    target_mode = "RGB" if options["channels"] == 3 else "L"
-    return {
-        "complete": True, "src": str(src), "dst": str(dst), "settings": options, "num_workers": workers,
-        "counts": {
-            "files": len(records), "kept": len(kept), "resized": sum(record["resized"] for record in kept),
-            "converted": dict(sorted(Counter(r["mode"] for r in kept if r["mode"] != target_mode).items())),
-            "quarantined": len(quarantined),
-            "quarantined_by_reason": {reason: by_reason[reason] for reason in REASONS if by_reason[reason]},
-            "decoded": folder.decoded, "written": folder.written, "unchanged": folder.unchanged, "removed": removed,
-            "skipped": skipped,
-        },
-        "seconds": round(seconds, 3),
-        "files_per_second": round(len(records) / seconds, 1),
-        "quarantine": [{key: record[key] for key in ("source", "reason", "detail")} for record in quarantined],
-        "files": records,
-    }
-
-
-def summary(report: dict) -> str:
-    """One screen: what was kept, what was set aside and why, how fast."""
-    counts, settings = report["counts"], report["settings"]
-    size, mode = settings["image_size"], "RGB" if settings["channels"] == 3 else "grayscale"
-    converted = counts["converted"]
-    notes = {"too_small": f"shorter side < min_size={settings['min_size']} (min_size=0 keeps them, enlarged)",
-             "duplicate": "same bytes as a file kept", "duplicate_name": "another image became the same .png"}
-
-    def row(label: str, number: int, note: str = "") -> str:
-        return f"{label:<20}{number:6d}  {note}".rstrip()
-
-    return "\n".join([
-        f"prepared {counts['files']} files of {report['src']} in {report['seconds']:.1f} s "
-        f"({report['files_per_second']:.1f} files/s, {report['num_workers']} workers)",
-        row("  kept", counts["kept"], f"-> {report['dst']} ({size}x{size} {mode} PNG, fit={settings['fit']})"),
-        row("    resized", counts["resized"]),
-        row("    converted", sum(converted.values()),
-            ("from " + ", ".join(f"{m}: {n}" for m, n in converted.items())) if converted else ""),
-        row("  quarantined", counts["quarantined"],
-            f"copies in {settings['quarantine_dir']}/<reason>/ (src is untouched)"),
-        *(row(f"    {reason}", n, notes.get(reason, "")) for reason, n in counts["quarantined_by_reason"].items()),
-        row("  this run wrote", counts["written"], f"files after decoding {counts['decoded']}; {counts['unchanged']} "
-            f"unchanged, {counts['removed']} stale removed, {counts['skipped']} hidden or special skipped"),
-        f"  report: {Path(report['dst']) / REPORT}",
-    ])
 
 
 def write_json(path: Path, data: dict) -> Path:

@@ -35,11 +35,14 @@ class ImageSettings:
     background: str
     pad_color: str
     min_size: int
+    # png: the prepared image as PNG bytes (format=folder) | pixels: its uint8 pixels, row-major HWC (format=shards)
+    output: str = "png"
 
 
 @dataclass
 class Inspection:
-    """What one file is: its digest, its defect if it has one, else its source mode and size and the PNG made of it."""
+    """What one file is: its digest, its defect if it has one, else its source mode and size and the image made of
+    it (PNG bytes or raw pixels, as ``ImageSettings.output`` says)."""
 
     sha256: str
     defect: str | None = None
@@ -48,6 +51,7 @@ class Inspection:
     width: int = 0
     height: int = 0
     png: bytes | None = None
+    pixels: bytes | None = None
 
 
 def prepare_file(path: str, settings: ImageSettings) -> Inspection:
@@ -69,6 +73,8 @@ def prepare_file(path: str, settings: ImageSettings) -> Inspection:
     except (ValueError, OSError) as error:  # a mode Pillow cannot convert (LAB, ...)
         return Inspection(digest, "corrupt", f"cannot convert mode {image.mode}: {error}", image.mode, width, height)
     square = FITS[settings.fit](converted, settings)
+    if settings.output == "pixels":
+        return Inspection(digest, None, "", image.mode, width, height, pixels=np.asarray(square).tobytes())
     return Inspection(digest, None, "", image.mode, width, height, encode_png(square))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 
 from torch.utils.data import Dataset
@@ -21,13 +22,16 @@ class TrainingData:
         seed: the seed of the data order.
         pin_memory: page-locked batches, for a GPU.
         rank, world_size: this process and the number of processes.
+        keep_recent: how many of the latest batches ``recent`` describes (a step's micro-batches).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0, seed: int = 0,
-                 pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> None:
+                 pin_memory: bool = False, rank: int = 0, world_size: int = 1, keep_recent: int = 1) -> None:
         self.dataset, self.num_workers = dataset, num_workers
         self.loader = build_loader(dataset, batch_size, num_workers, seed, pin_memory, rank, world_size)
         self.epoch = self.batch_in_epoch = 0
+        # (epoch, batch in epoch, the indices this process read) of the latest batches
+        self.recent: deque[tuple[int, int, list[int]]] = deque(maxlen=keep_recent)
 
     def batches(self) -> Iterator:
         """Batches from the current position on, for ever; a dead loader worker ends them with the file it read."""
@@ -35,6 +39,8 @@ class TrainingData:
             self.loader.batch_sampler.set_position(self.epoch, self.batch_in_epoch)
             try:
                 for batch in self.loader:
+                    indices = self.loader.batch_sampler.batch_indices(self.epoch, self.batch_in_epoch)
+                    self.recent.append((self.epoch, self.batch_in_epoch, indices))
                     self.batch_in_epoch += 1
                     yield batch
             except RuntimeError as error:

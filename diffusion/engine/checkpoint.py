@@ -33,6 +33,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 import diffusion
+from diffusion import storage
 from diffusion.engine import distributed
 from diffusion.engine.optimizer import load_optimizer_moments, restore_lr_scheduler, restore_optimizer
 from diffusion.engine.random_state import restore_generator, rng_state, set_rng_state
@@ -105,22 +106,36 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
 
 
 def read_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """What ``torch.save`` wrote to ``path``, read with ``weights_only=True`` so that it can't execute code."""
+    """What ``torch.save`` wrote to ``path`` (a local path or any fsspec URL: ``s3://``, ``memory://``...), read with
+    ``weights_only=True`` so that it can't execute code; a URL is first copied to a local temporary file."""
+    if storage.is_url(path):
+        if not storage.is_file(path):
+            raise PathNotFound(f"checkpoint {path!r} does not exist: pass the URL of a .pt file")
+        local = storage.local_copy(path)
+        try:
+            return read_local_file(local, map_location, name=path)
+        finally:
+            storage.discard_local_copy(local)
     path = Path(path)
     if not path.is_file():
         raise PathNotFound(f"checkpoint {str(path)!r} does not exist: pass the path of a .pt file")
+    return read_local_file(path, map_location, name=str(path))
+
+
+def read_local_file(path: Path, map_location: str | torch.device, name: str) -> Any:
+    """``read_file`` of a local file; errors call it ``name`` (the URL it was copied from, or the path)."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         named = re.search(r"Unsupported (?:global: GLOBAL|class) (\S+)", str(error))  # torch >= 2.4 | 2.3
         if named is None:
-            raise CheckpointError(f"{str(path)!r} could not be read as a checkpoint (it is not a pickle torch.load "
+            raise CheckpointError(f"{name!r} could not be read as a checkpoint (it is not a pickle torch.load "
                                   "knows): it is not a file torch.save wrote, or it is damaged or cut short") from error
-        raise CheckpointError(f"{str(path)!r} holds Python objects beyond tensors, which could run code when loaded, "
+        raise CheckpointError(f"{name!r} holds Python objects beyond tensors, which could run code when loaded, "
                               f"so it is refused (it names {named.group(1)}): save state dicts of tensors alone") \
             from error
     except Exception as error:  # what a file torch.save did not write, or wrote only in part, makes torch.load raise
-        raise CheckpointError(f"{str(path)!r} could not be read as a checkpoint ({type(error).__name__}: {error}): it "
+        raise CheckpointError(f"{name!r} could not be read as a checkpoint ({type(error).__name__}: {error}): it "
                               "is not a file torch.save wrote, or it is damaged or cut short (a partial copy?)") \
             from error
 

@@ -2,8 +2,8 @@
 
 A user's own class needs no base class: it has what the Protocol lists. ``check_contract`` names what one lacks.
 Optional capabilities are Protocols of their own (``SuperResolutionModel``, ``AugmentableModel``, ``FileBackedDataset``,
-``LabelledDataset``, ``SplitDataset``, ``BatchedDataset``), declared by having their members and recognised with
-``isinstance``.
+``LabelledDataset``, ``SplitDataset``, ``ShardedDataset``, ``BatchedDataset``), declared by having their members and
+recognised with ``isinstance``.
 """
 
 from __future__ import annotations
@@ -119,6 +119,17 @@ class SplitDataset(ImageDataset, Protocol):
     """A data set that is one named part of a larger one (optional capability), e.g. the digits' ``train`` split."""
 
     split: str
+
+
+@runtime_checkable
+class ShardedDataset(ImageDataset, Protocol):
+    """A data set stored in shards read in order (optional capability): the loader reads the shards in a random
+    order and shuffles the images of ``shuffle_shards`` shards at a time, rather than all images at once."""
+
+    shuffle_shards: int
+
+    def shard_sizes(self) -> list[int]:
+        """The number of images of each shard, in index order (shard k holds the next ``shard_sizes()[k]`` items)."""
 
 
 @runtime_checkable

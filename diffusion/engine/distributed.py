@@ -185,7 +185,38 @@ class DistributedModel(DistributedDataParallel):
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` in DDP when this process belongs to a group (gradients averaged over ranks), else itself."""
+    """``model`` in DDP when this process belongs to a group (gradients averaged over ranks), else itself.
+
+    On the CPU (gloo) the gradients are averaged by ``ordered_mean``, in the same order at every step, so that a run
+    resumed on three or more processes computes bit for bit what the uninterrupted run did; gloo's own all-reduce
+    sums in an order that can change between two runs of the same steps (1-ulp differences, grown over steps).
+    """
     if not dist.is_initialized():
         return model
-    return DistributedModel(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=_group)
+    device_ids = [device.index] if device.type == "cuda" else None
+    network = DistributedModel(model, device_ids=device_ids, process_group=_group)
+    if device.type == "cpu" and dist.get_world_size(_group) > 2:  # two summands add alike in either order
+        network.register_comm_hook(_group, ordered_mean)
+    return network
+
+
+def ordered_mean(group, bucket):  # no annotations: DDP compares them with its own types, which strings are not
+    """A DDP communication hook: the mean of a ``dist.GradBucket`` over the processes, summed in rank order, as a
+    completed future.
+
+    Each process receives one slice of every process's bucket (all-to-all), adds them in rank order, and the sums
+    are gathered back (all-gather): the traffic of a ring all-reduce, with the order of each sum fixed.
+    """
+    world = dist.get_world_size(group)
+    flat = bucket.buffer()
+    slices = torch.nn.functional.pad(flat, (0, -flat.numel() % world)).view(world, -1)
+    received = torch.empty_like(slices)
+    dist.all_to_all_single(received, slices, group=group)
+    mine = received[0].clone()
+    for other in received[1:]:
+        mine += other
+    gathered = torch.empty_like(slices)
+    dist.all_gather_into_tensor(gathered.view(-1), mine.div_(world), group=group)
+    future = torch.futures.Future()
+    future.set_result(gathered.view(-1)[: flat.numel()])
+    return future

@@ -1,4 +1,5 @@
-"""Where a run writes: a new timestamped folder, or the folder of the run being resumed, and what it records."""
+"""Where a run writes: a new timestamped folder, or the folder of the run being resumed (a remote checkpoint's run
+continues in a new folder), and what it records."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from diffusion import storage
+from diffusion.engine import distributed
 from diffusion.engine.loggers import Logger, NullLogger
 from diffusion.errors import PathNotFound
+from diffusion.storage import is_url
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +36,11 @@ def run_dir_for(resume: str | None, task_dir: str) -> str:
     """The run directory: ``task_dir/<timestamp>``, or with ``resume`` the run to continue.
 
     ``resume=auto`` picks the newest run under ``task_dir`` that holds ``checkpoints/last.pt``;
-    ``resume=PATH`` takes a run directory or a checkpoint inside one.
+    ``resume=PATH`` takes a run directory or a checkpoint inside one; ``resume=URL`` (a remote checkpoint or run
+    directory) continues in a new run directory, into which ``checkpoint_to_resume`` copies the checkpoint.
     """
     fresh = str(Path(task_dir) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
-    if resume in (None, "", "null", "None"):
+    if resume in (None, "", "null", "None") or is_url(resume):
         return fresh
     if resume == "auto":
         runs = sorted(p for p in Path(task_dir).glob("*") if (p / LAST).is_file()) if Path(task_dir).is_dir() else []
@@ -49,9 +54,12 @@ def run_dir_for(resume: str | None, task_dir: str) -> str:
 
 
 def checkpoint_to_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """The checkpoint a run continues from, or ``None`` to start fresh."""
+    """The checkpoint a run continues from, or ``None`` to start fresh; a remote one (``resume=URL``) is first copied
+    into ``output_dir`` as ``checkpoints/last.pt`` (by rank 0, once every process asks)."""
     if resume in (None, "", "null", "None"):
         return None
+    if is_url(resume):
+        return Path(distributed.computed_by_rank_zero(copy_remote_checkpoint)(resume, str(output_dir)))
     path = Path(resume)
     if resume != "auto" and not path.exists():
         raise PathNotFound(f"resume={resume!r} does not exist: pass a run directory, a checkpoint, or resume=auto")
@@ -66,8 +74,44 @@ def checkpoint_to_resume(resume: str | None, output_dir: str | Path) -> Path | N
     raise PathNotFound(f"resume={resume!r}: no checkpoints/last.pt there to continue from")
 
 
+def copy_remote_checkpoint(resume: str, output_dir: str) -> str:
+    """Copy ``resume`` (the URL of a checkpoint, of a run directory holding ``checkpoints/last.pt``, or of its
+    ``checkpoints/`` folder) to ``output_dir/checkpoints/last.pt``; returns that path. The files of the remote run
+    directory beside its checkpoints (``metrics.jsonl``, ``train.log``, grids...) come too, so that the run goes on
+    writing them where it left off, and a mirror to the same URL extends them rather than replacing them."""
+    if storage.is_file(resume):
+        url = resume
+    elif storage.is_dir(resume):
+        inside = resume.rstrip("/").endswith("/checkpoints")
+        url = storage.joined(resume, LAST.name if inside else LAST.as_posix())
+        if not storage.is_file(url):
+            raise PathNotFound(f"resume={resume!r}: no checkpoints/last.pt there to continue from ({url!r} does not "
+                               "exist)")
+    else:
+        raise PathNotFound(f"resume={resume!r} does not exist: pass the URL of a run directory or of a checkpoint")
+    destination = storage.download(url, Path(output_dir) / LAST)
+    if url.endswith("/" + LAST.as_posix()):
+        copy_run_files(url[: -len(LAST.as_posix()) - 1], Path(output_dir))
+    log.info("copied %s to %s to continue from it in a new run directory", url, shown(destination))
+    return str(destination)
+
+
+def copy_run_files(run_url: str, output_dir: Path) -> None:
+    """Copy the files of a remote run directory into ``output_dir``, but its checkpoints, EMA snapshots and config
+    (the new run writes its own)."""
+    fs, root = storage.url_to_fs(run_url)
+    for path in fs.find(root):
+        relative = path[len(root.rstrip("/")) + 1:]
+        skipped = relative.split("/")[0] in ("checkpoints", "ema_snapshots", ".hydra")
+        if skipped or storage.TEMPORARY.match(Path(path).name):
+            continue
+        storage.download(storage.joined(run_url, relative), output_dir / relative)
+
+
 def shown(path: str | Path) -> str:
     """A path as a log line shows it: relative to the working directory when it lies below it."""
+    if is_url(path):
+        return str(path)
     path = Path(path)
     try:
         return str(path.resolve().relative_to(Path.cwd().resolve()))

@@ -94,6 +94,7 @@ class Trainer:
         self.step = 0
         # time spent in optimizer steps (data, forward, backward, update), callbacks excluded: the slowest process's
         self.train_seconds = 0.0
+        self.data_seconds = 0.0  # of it, the time this process waited for batches from the loader
         self.last_step = False  # whether the step that just ended is the run's last (max_steps or max_train_seconds)
         self.metrics: dict[str, float] = {}  # the latest value of everything logged
         self.pending: dict[str, float] = {}  # what the callbacks logged during this step
@@ -154,7 +155,7 @@ class Trainer:
         the random generator."""
         self.task, self.dataset, self.output = task.to(self.device), dataset, output
         self.data = TrainingData(task.training_data(dataset), self.batch_size, self.num_workers, self.seed,
-                                 self.device.type == "cuda", self.world.rank, self.world.size)
+                                 self.device.type == "cuda", self.world.rank, self.world.size, self.accumulation_steps)
         self.callbacks = dict(sorted((callbacks or {}).items(), key=lambda item: item[1].order))  # stable: config order
         self.view = RunView(self)
         self.network = distributed.wrap(self.model, self.device)  # what the forward pass runs: DDP or the model
@@ -203,7 +204,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for micro in range(self.accumulation_steps):
+            waiting = time.perf_counter()
             batch = [tensor.to(self.device, non_blocking=True) for tensor in next(batches)]
+            self.data_seconds += time.perf_counter() - waiting
             last = micro == self.accumulation_steps - 1  # gradients are averaged over processes once, at the end
             synced = nullcontext() if self.network is self.model or last else self.network.no_sync()
             with synced, torch.autocast(self.device.type, dtype=PRECISIONS[self.precision],

@@ -64,10 +64,11 @@ class RunView:
     """The run as a callback's hooks receive it (``on_step_end(self, run)``...).
 
     Position: ``step`` (optimizer steps done), ``max_steps``, ``last_step`` (whether the step that just ended is the
-    run's last), ``epoch``, ``train_seconds`` (training time so far, the slowest process's) and
-    ``max_train_seconds``. The step that just ended: ``loss`` (a tensor, this process's mean), ``grad_norm``,
-    ``lr``, ``images_per_step``. ``metrics``: the latest value of everything logged.
-    Processes: ``is_main`` (rank 0: the one that writes), ``world_size``, ``device``.
+    run's last), ``epoch``, ``train_seconds`` (training time so far, the slowest process's), ``max_train_seconds``
+    and ``data_seconds`` (this process's wait for batches). The step that just ended: ``loss`` (a tensor, this
+    process's mean), ``grad_norm``, ``lr``, ``images_per_step``. ``metrics``: the latest value of everything logged.
+    Processes: ``is_main`` (rank 0: the one that writes), ``rank``, ``world_size``, ``device``.
+    Data: ``data_read``, the images the step read.
     What to sample or measure: ``task`` (``model``, ``schedule``, ``objective``, ``sampling_inputs``), ``model``
     (the trained weights), ``ema`` (the primary average: grids and evaluation use it), ``averages`` (all of them by
     name), ``dataset`` (the training images).
@@ -84,12 +85,17 @@ class RunView:
     epoch = property(lambda self: self._trainer.data.epoch, doc="Passes over the data set begun.")
     train_seconds = property(lambda self: self._trainer.train_seconds, doc="Training time so far, callbacks excluded.")
     max_train_seconds = property(lambda self: self._trainer.max_train_seconds, doc="The time budget, or None.")
+    data_seconds = property(lambda self: self._trainer.data_seconds,
+                            doc="Of this process's training time, the seconds it waited for batches.")
     loss = property(lambda self: self._trainer.loss, doc="The mean loss of the step that just ended (a tensor).")
     grad_norm = property(lambda self: self._trainer.grad_norm, doc="Its gradient's norm before clipping.")
     lr = property(lambda self: self._trainer.lr, doc="The learning rate it used.")
     metrics = property(lambda self: self._trainer.metrics, doc="The latest value of everything logged.")
     is_main = property(lambda self: self._trainer.world.is_main, doc="Whether this process writes (rank 0).")
     world_size = property(lambda self: self._trainer.world.size, doc="The number of training processes.")
+    rank = property(lambda self: self._trainer.world.rank, doc="This process's number, 0 to world_size - 1.")
+    data_read = property(lambda self: list(self._trainer.data.recent),
+                         doc="The step's micro-batches as (epoch, batch in epoch, image indices this process read).")
     device = property(lambda self: self._trainer.device, doc="This process's device.")
 
     @property

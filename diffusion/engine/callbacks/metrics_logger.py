@@ -24,7 +24,8 @@ def format_duration(seconds: float) -> str:
 
 class MetricsLogger(Callback):
     """Every ``every`` steps, logs the mean loss since the last line (over all processes), the learning rate,
-    the gradient norm, images per second of training time and the epoch; writes every metric of a step as one
+    the gradient norm, images per second of training time, the share of it spent waiting for data (``data_wait``)
+    and the epoch; writes every metric of a step as one
     line of ``metrics.jsonl`` (with the step and the run's ``train_seconds``) and sends it to the tracker.
 
     Args:
@@ -43,7 +44,7 @@ class MetricsLogger(Callback):
             self.file.truncate_after(run.step)  # lines a killed run logged after its last checkpoint
         # the saved sum is over all processes: rank 0 carries it on
         self.window_sum = torch.full((), self.loss_sum if run.is_main else 0.0, device=run.device)
-        self.window_start = run.train_seconds
+        self.window_start, self.window_data = run.train_seconds, run.data_seconds
         self.run_start, self.start_step = time.perf_counter(), run.step
         self.start_train_seconds = run.train_seconds
 
@@ -59,6 +60,7 @@ class MetricsLogger(Callback):
             "lr": run.lr,
             "grad_norm": float(run.grad_norm),
             "images_per_sec": self.steps * run.images_per_step / seconds,
+            "data_wait": min(1.0, (run.data_seconds - self.window_data) / seconds),
             "epoch": run.epoch,
         }
         run.log_metrics(metrics)
@@ -67,11 +69,11 @@ class MetricsLogger(Callback):
             time.perf_counter() - self.run_start, run.step - self.start_step, run.max_steps - run.step,
             run.train_seconds - self.start_train_seconds, None if budget is None else budget - run.train_seconds)
         if run.is_main:
-            log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.1f img/s  eta %s", run.step,
+            log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.1f img/s  eta %s%s", run.step,
                      run.max_steps, loss, metrics["lr"], metrics["grad_norm"], metrics["images_per_sec"],
-                     format_duration(remaining))
+                     format_duration(remaining), waiting_for_data(metrics["data_wait"]))
         self.window_sum.zero_()
-        self.steps, self.window_start = 0, run.train_seconds
+        self.steps, self.window_start, self.window_data = 0, run.train_seconds, run.data_seconds
 
     def on_log(self, run, metrics) -> None:
         if run.is_main:
@@ -85,6 +87,18 @@ class MetricsLogger(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.loss_sum, self.steps = state["loss_sum"], state["steps"]
+
+
+# a wait for data worth a note on the log line: the loader, not the network, sets the pace
+SLOW_DATA = 0.2
+
+
+def waiting_for_data(share: float) -> str:
+    """A note for the log line when the step waits on the loader for ``SLOW_DATA`` of its time or more."""
+    if share < SLOW_DATA:
+        return ""
+    return (f"  waiting for data {share:.0%} of the time: raise trainer.num_workers, or read shards "
+            "(diffusion-prepare format=shards, dataset=shards)")
 
 
 def remaining_seconds(elapsed: float, steps_done: int, steps_left: int, train_seconds_done: float,
