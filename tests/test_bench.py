@@ -2,6 +2,7 @@
 
 import json
 import math
+import multiprocessing
 import statistics
 import sys
 import types
@@ -12,9 +13,10 @@ import torch
 from hydra.utils import instantiate
 
 from diffusion.bench import measure
+from diffusion.bench.loader_formats import open_formats, synthetic_images, write_formats
 from diffusion.bench.measure import PeakMemory, count_flops, peak_matmul_flops
 from diffusion.bench.options import read_options
-from diffusion.bench.report import table
+from diffusion.bench.report import formats_table, table
 from diffusion.bench.runner import new_engine
 from diffusion.bench.workloads import ModelSetup, Parts, build_model, seed_loop_sample
 from diffusion.cli.bench import bench
@@ -211,6 +213,17 @@ def test_peak_memory_sees_a_large_allocation():
         (["loader.image_folder=/no/such/folder"], "point it at a folder of images"),
         (["peak.sizes=[]"], "peak.sizes must list"),
         (["whole_sample.enabled=true", "whole_sample.steps=0"], "whole_sample.steps=0 must be a positive integer"),
+        (["loader.formats.enabled=true", "loader.formats.image_size=4"], r"image_size=4 must be at least 8"),
+        (["loader.formats.enabled=true", "loader.formats.channels=2"], r"channels=2 must be 1 \(grayscale\) or 3"),
+        (["loader.formats.enabled=true", "loader.formats.workers=[0,-1]"],
+         r"workers=\[0, -1\] must be a non-empty list of worker counts >= 0, e.g. loader.formats.workers=\[0,1,2\]"),
+        (["loader.formats.enabled=true", "loader.formats.workers=[]"], "must be a non-empty list of worker counts"),
+        (["loader.formats.enabled=true", "loader.formats.images=10"],
+         "images=10 is fewer than one batch of loader.formats.batch_size=64: raise images or lower batch_size"),
+        (["loader.formats.enabled=true", "loader.formats.batch_size=0"], "batch_size=0 and .* must be positive"),
+        (["loader.formats.enabled=true", "loader.formats.wait_steps=-1"], "wait_steps=-1 and wait_skip=1 must be"),
+        (["loader.formats.enabled=true", "loader.formats.wait_model=unet_huge"],
+         r"wait_model='unet_huge' has no conf/model/unet_huge.yaml; choose from"),
     ],
 )
 def test_invalid_options_raise_errors_that_name_the_fix(overrides, message):
@@ -242,8 +255,10 @@ def test_the_gpu_check_trains_each_case_under_torchrun_and_reports_its_speed(tmp
 
     tiny = ["dataset.image_size=16", "model=unet_tiny", "trainer.batch_size=8", "callbacks.metrics.every=2",
             "trainer.device=cpu"]
-    row, distill = run_check(cases=[("fp32", False)], overrides=tiny, steps=6, workdir=tmp_path)
+    row, distill, shards = run_check(cases=[("fp32", False)], overrides=tiny, steps=6, workdir=tmp_path)
     assert row["case"] == "fp32" and "error" not in row, row.get("error")
+    assert shards["case"] == "fp32-shards" and "error" not in shards, shards.get("error")
+    assert len(shards["windows"]) == 3 and 0 <= shards["data_wait"] <= 1 and 0 <= row["data_wait"] <= 1
     assert distill["case"] == "distill-bf16" and "error" not in distill, distill.get("error")
     assert len(distill["windows"]) == 3 and all(math.isfinite(rate) and rate > 0 for rate in distill["windows"])
     assert (row["device"], row["precision"], row["compile"]) == ("cpu", "fp32", False)
@@ -269,7 +284,8 @@ def test_the_gpu_check_reports_the_median_window_after_the_first_against_the_pea
             return types.SimpleNamespace(returncode=1, stdout="step 1\n", stderr="CUDA error: out of memory")
         runs = Path(next(arg for arg in command if arg.startswith("paths.runs_dir=")).split("=", 1)[1])
         (runs / "train" / "2026-01-01_00-00-00").mkdir(parents=True)
-        lines = [json.dumps({"step": 25 * (i + 1), "images_per_sec": rate}) for i, rate in enumerate(windows)]
+        lines = [json.dumps({"step": 25 * (i + 1), "images_per_sec": rate, "data_wait": wait})
+                 for i, (rate, wait) in enumerate(zip(windows, waits, strict=True))]
         (runs / "train" / "2026-01-01_00-00-00" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
         (runs / "train" / "2026-01-01_00-00-00" / "checkpoints").mkdir()
         (runs / "train" / "2026-01-01_00-00-00" / "checkpoints" / "last.pt").touch()
@@ -277,6 +293,7 @@ def test_the_gpu_check_reports_the_median_window_after_the_first_against_the_pea
 
     monkeypatch.setattr(gpu_check, "subprocess", types.SimpleNamespace(run=training))
     monkeypatch.setattr(gpu_check, "make_images", lambda folder: folder)
+    waits = [0.5, 0.1, 0.3, 0.2]  # the share of each window spent waiting for data: the last three's median 0.2
     monkeypatch.setattr(gpu_check, "training_flops_per_image", lambda overrides: 2e9)
     monkeypatch.setattr(gpu_check, "peak_matmul_flops", lambda device, dtype, sizes, repeats: 4e12)
     monkeypatch.setattr(sys, "argv", ["gpu_check", "trainer.batch_size=32"])
@@ -286,9 +303,11 @@ def test_the_gpu_check_reports_the_median_window_after_the_first_against_the_pea
     assert exit_code.value.code == 1
 
     rows = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [row["case"] for row in rows] == ["bf16", "bf16-compile", "fp16", "fp16-compile", "distill-bf16"]
-    for row in [*rows[:3], rows[4]]:
+    assert [row["case"] for row in rows] == ["bf16", "bf16-compile", "fp16", "fp16-compile", "distill-bf16",
+                                             "bf16-shards"]
+    for row in [*rows[:3], *rows[4:]]:
         assert (row["images_per_sec"], row["windows"], row["flops_per_image"]) == (200.0, windows, 2e9)
+        assert row["data_wait"] == 0.2
         assert row["tflops_per_sec"] == pytest.approx(0.4) and row["utilisation"] == pytest.approx(0.1)
     assert rows[3]["error"] == "step 1\nCUDA error: out of memory" and "images_per_sec" not in rows[3]
     bf16 = commands[0]
@@ -298,9 +317,12 @@ def test_the_gpu_check_reports_the_median_window_after_the_first_against_the_pea
     distill = commands[4]  # the first case's checkpoint as the teacher, with the user's trainer overrides
     assert distill[6] == "diffusion.cli.distill" and distill[-1] == "trainer.batch_size=32"
     assert distill[7].startswith("teacher=") and distill[7].endswith("bf16/train/2026-01-01_00-00-00/checkpoints/last.pt")
+    shards = commands[5]  # the first case again, on the shards of the same images
+    assert {"dataset=shards", "trainer.precision=bf16"} <= set(shards) and shards[-1] == "trainer.batch_size=32"
+    assert any(arg.startswith("dataset.root=") and arg.endswith("data_shards") for arg in shards)
     printed = capsys.readouterr().out
     assert "2.00 GFLOP per training image" in printed and "matmul peak 4.0 TFLOP/s" in printed
-    assert "bf16      200.0 img/s     0.40 TFLOP/s   10.0% of peak" in printed
+    assert "bf16      200.0 img/s     0.40 TFLOP/s   10.0% of peak   20.0% waiting for data" in printed
     assert "fp16-compile  FAILED" in printed
 
 
@@ -353,3 +375,68 @@ def test_an_unknown_whole_sample_sampler_names_the_choices():
 
     with pytest.raises(ValueError, match=r"whole_sample.sampler='ddpm2' has no conf/sampler/ddpm2.yaml; choose from \[.*'ddim'"):
         sampler_from_config("ddpm2", 20, "whole_sample.sampler")
+
+
+# the loader.formats section alone: 40 images of 16x16, the model rows skipped (models=[])
+FORMATS_TINY = [
+    "models=[]", "loader.formats.enabled=true", "loader.formats.images=40", "loader.formats.image_size=16",
+    "loader.formats.batch_size=8", "loader.formats.workers=[0,1]", "loader.formats.shard_size=16",
+    "loader.formats.wait_steps=2", "device=cpu", "repeats=2", "min_repeat_seconds=0",
+]
+
+
+@pytest.fixture(scope="module")
+def formats_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-formats")
+    return bench(compose_config("bench", FORMATS_TINY, out)), out
+
+
+def test_the_formats_section_runs_alone_with_a_row_per_format_and_worker_count(formats_report):
+    result, out = formats_report
+    assert json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(result))
+    assert result["results"] == [] and result["peak_matmul_flops_per_sec"] == {}  # no model rows
+    section = result["loader_formats"]
+    assert [(row["format"], row["workers"]) for row in section["rows"]] == [
+        ("png_folder", 0), ("png_folder", 1), ("shards", 0), ("shards", 1)]
+    for row in section["rows"]:
+        assert row["images_per_sec"] > 0 and len(row["batch_seconds"]) == 2
+        assert row["images_per_sec"] == 8 / statistics.median(row["batch_seconds"])
+        assert row["images_per_sec_per_core"] == row["images_per_sec"] / max(1, row["workers"])
+        wait = row["wait"]  # the wait is part of each step's time, so a share in [0, 1]
+        assert (wait["steps"], wait["steps_left_out"]) == (2, 1) and wait["train_seconds"] > 0
+        assert wait["share"] == wait["data_seconds"] / wait["train_seconds"] and 0 <= wait["share"] <= 1
+    per_core = {(row["format"], row["workers"]): row["images_per_sec_per_core"] for row in section["rows"]}
+    assert section["shards_over_png_per_core"] == {
+        str(n): per_core["shards", n] / per_core["png_folder", n] for n in (0, 1)}
+    assert section["settings"]["images"] == 40 and section["settings"]["workers"] == [0, 1]
+    assert section["machine"]["cpu_count"] == result["machine"]["cpu_count"]
+    assert section["shards"] == 3 and section["shard_bytes_per_image"] > section["pixel_bytes_per_image"] == 768
+    assert section["png_bytes_per_image"] > 0
+    assert multiprocessing.active_children() == []  # every loader's workers ended
+    lines = formats_table(section).splitlines()
+    assert lines[2].split() == ["format", "workers", "img/s", "img/s", "per", "core", "wait", "share", "step", "s"]
+    assert [line.split()[:2] for line in lines[4:8]] == [["png_folder", "0"], ["png_folder", "1"], ["shards", "0"],
+                                                           ["shards", "1"]]
+    ratios = section["shards_over_png_per_core"]
+    assert lines[8] == f"shards / PNG folder per core: {ratios['0']:.2f} (0 workers), {ratios['1']:.2f} (1 worker)"
+
+
+def test_the_png_folder_and_the_shards_serve_the_same_smooth_images(tmp_path):
+    images = synthetic_images(24, 16, 3, seed=5)
+    assert (images == synthetic_images(24, 16, 3, seed=5)).all()
+    assert not (images == synthetic_images(24, 16, 3, seed=6)).all()
+    large = synthetic_images(8, 64, 3, seed=5).astype(int)
+    assert abs(large[:, 1:] - large[:, :-1]).mean() < 12  # neighbours close: not white noise (a mean step of 85)
+    sizes = write_formats(tmp_path, images, shard_size=10)
+    files = sorted((tmp_path / "png").glob("*/*.png"))
+    assert len(files) == 24 and sizes["png_bytes_per_image"] == sum(f.stat().st_size for f in files) / 24
+    assert sizes["shards"] == 3
+    options = read_options(compose_config("bench", [*FORMATS_TINY, "loader.formats.image_size=16"])).loader_formats
+    datasets = open_formats(tmp_path, options)
+    indices = [0, 7, 11, 23, 5]
+    folder = datasets["png_folder"]
+    png = (torch.stack([folder[i][0] for i in indices]), torch.tensor([folder[i][1] for i in indices]))
+    shards = datasets["shards"].__getitems__(indices)
+    assert torch.equal(png[0], shards[0]) and torch.equal(png[1], shards[1])
+    expected = torch.from_numpy(images[indices]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert torch.equal(shards[0], expected) and folder.classes == datasets["shards"].classes

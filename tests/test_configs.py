@@ -47,6 +47,14 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         overrides["dataset.root"] = tmp_path / "data"
         if group == "dataset":  # the default model (unet_tiny) has its attention at 8x8: a size with such a level
             overrides["dataset.image_size"] = 32
+    if group == "dataset" and option == "shards" or group == "callbacks" and option == "validation_shards":
+        import numpy as np
+
+        from diffusion.data.shard_format import write_shard_set
+
+        images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+        write_shard_set(tmp_path / "shards", images, ["a", "b"] * 8, shard_size=8, splits=["train", "val"] * 8)
+        overrides.update({"dataset": "shards", "dataset.root": tmp_path / "shards", "dataset.image_size": 32})
     cfg = compose_config("train", [f"{group}={option}", *[f"{k}={v}" for k, v in overrides.items()]], tmp_path / "run")
     dataset = instantiate(cfg.dataset)
     resolve_num_classes(cfg, dataset)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from diffusion.cli.train import train
 from diffusion.data import ImageFolderDataset, LowResolutionPairs, ShardDataset
-from diffusion.data.loader import EpochBatchSampler, shard_window_order
+from diffusion.data.loader import EpochBatchSampler, shard_window_order, to_model_range
 from diffusion.data.prepare_folder import prepare
 from diffusion.data.resize import area_downsample
 from diffusion.data.shard_format import INDEX, Layout, write_shard_set
@@ -164,6 +164,21 @@ def test_the_shards_serve_their_images_labels_and_downsampled_pairs(tmp_path):
         ShardDataset(str(tmp_path), image_size=8, channels=1)
 
 
+def test_the_loader_moves_pixels_unless_the_images_are_box_filtered_or_paired(tmp_path):
+    from diffusion.data.loader import build_loader
+
+    images = shard_set(tmp_path, count=16, shard_size=8)
+    for dataset, dtype in ((ShardDataset(str(tmp_path), image_size=8), torch.uint8),
+                           (ShardDataset(str(tmp_path), image_size=4), torch.float32),
+                           (LowResolutionPairs(ShardDataset(str(tmp_path), image_size=8), 4), torch.float32)):
+        loader = build_loader(dataset, 4, 0, 0, False)
+        batch = next(iter(loader))
+        first = loader.batch_sampler.batch_indices(0, 0)
+        assert batch[0].dtype == dtype and len(batch) == (3 if isinstance(dataset, LowResolutionPairs) else 2)
+        expected = area_downsample(as_model_input(images[first]), dataset.image_size)
+        assert torch.equal(to_model_range(batch[0]), expected)
+
+
 def test_the_streaming_order_shuffles_whole_shards_in_windows():
     order, windows = shard_window_order([10] * 5, 2, torch.Generator().manual_seed(0))
     assert sorted(order) == list(range(50))
@@ -206,10 +221,11 @@ def test_loader_workers_read_the_batches_the_sampler_orders_and_the_run_records(
         stream = data.batches()
         batches[workers] = []
         for _ in range(9):  # across the end of epoch 1
-            images, labels = next(stream)
+            pixels, labels = next(stream)  # uint8 as stored, a quarter of the bytes between processes
             (epoch, number, indices), = data.recent
             expected_images, expected_labels = dataset.__getitems__(indices)
-            assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+            assert pixels.dtype == torch.uint8 and torch.equal(to_model_range(pixels), expected_images)
+            assert torch.equal(labels, expected_labels)
             batches[workers].append((epoch, number, indices))
     assert batches[0] == batches[2]
     assert [b[:2] for b in batches[0]] == [(1, k) for k in range(3, 10)] + [(2, 0), (2, 1)]

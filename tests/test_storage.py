@@ -15,7 +15,7 @@ import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
 import diffusion.engine.trainer as trainer_module
-from diffusion import storage
+from diffusion.engine import storage
 from diffusion.cli.train import train
 from diffusion.engine.callbacks.checkpointing import Checkpointing
 from diffusion.engine.checkpoint import load_checkpoint

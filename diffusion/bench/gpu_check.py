@@ -4,11 +4,13 @@ run end to end on one GPU, with its speed against the GPU's bf16 matmul peak. Ab
     python -m diffusion.bench.gpu_check [OVERRIDES...]
 
 Each case trains ``experiment=cars64`` (the 64x64 UNet) on generated 64x64 images for ``STEPS`` steps under
-``torchrun`` with one process (DDP over NCCL), with the given extra overrides; a last case distils the first case's
+``torchrun`` with one process (DDP over NCCL), with the given extra overrides; a further case distils the first case's
 model with ``diffusion-distill`` (consistency distillation, bf16) for as many steps, its teacher on the GPU beside its
-student (its FLOP/s count a training step's, so its utilisation reads low); then it prints one line per case:
+student (its FLOP/s count a training step's, so its utilisation reads low), and a last one trains the first case on
+shards of the same images (``dataset=shards``: uint8 batches, scaled on the GPU); then it prints one line per case:
 images per second (the median of the logged windows after the first, so compilation is left out), achieved
-TFLOP/s and utilisation of the bf16 peak measured here; ``gpu_check.json`` holds the same.
+TFLOP/s, utilisation of the bf16 peak measured here, and the share of the time the step waited for data (the
+median ``data_wait``); ``gpu_check.json`` holds the same.
 
 Its companion is the GPU tier of the tests, ``pytest -m gpu`` (tests/test_gpu.py, a few minutes): the same CUDA
 paths checked for correctness with tiny models (bf16 and fp16 steps with a skipped non-finite one, the scaler's
@@ -25,10 +27,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from diffusion.bench.measure import count_flops, peak_matmul_flops
+from diffusion.data.shard_format import write_shard_set
 
 STEPS = 200
 # (precision, compile): bf16 and fp16 (with the gradient scaler), each without and with torch.compile
@@ -40,8 +44,10 @@ BASE = ("experiment=cars64", *QUIET, f"callbacks.checkpoint.every={STEPS}")
 
 
 def make_images(folder: Path, count: int = 512, size: int = 64) -> Path:
-    """``count`` smooth random colour images in two class folders: what the check trains on."""
+    """``count`` smooth random colour images in two class folders, and the same images as shards in
+    ``<folder>_shards``: what the check trains on."""
     generator = torch.Generator().manual_seed(0)
+    images, classes = [], []
     for i in range(count):
         low = torch.rand(3, 4, 4, generator=generator)
         image = torch.nn.functional.interpolate(low[None], size=(size, size), mode="bicubic", align_corners=False)[0]
@@ -49,7 +55,15 @@ def make_images(folder: Path, count: int = 512, size: int = 64) -> Path:
         path = folder / ("a" if i % 2 else "b") / f"{i}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(path)
+        images.append(pixels)
+        classes.append(path.parent.name)
+    write_shard_set(shards_of(folder), np.stack(images), classes, shard_size=128)
     return folder
+
+
+def shards_of(folder: Path) -> Path:
+    """Where ``make_images`` writes the shards of the images in ``folder``."""
+    return folder.with_name(f"{folder.name}_shards")
 
 
 def training_flops_per_image(overrides: list[str]) -> float:
@@ -76,15 +90,20 @@ def torchrun_case(name: str, arguments: list[str], runs: Path, precision: str, c
     if result.returncode != 0:
         return {"case": name, "error": (result.stdout + result.stderr)[-3000:]}
     (metrics,) = (runs / name).glob("*/*/metrics.jsonl")
-    rates = [json.loads(line)["images_per_sec"] for line in metrics.read_text().splitlines()]
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rates, waits = [line["images_per_sec"] for line in lines], [line.get("data_wait", 0.0) for line in lines]
     return {"case": name, "precision": precision, "compile": compile, "windows": rates,
-            "images_per_sec": statistics.median(rates[1:] or rates)}
+            "images_per_sec": statistics.median(rates[1:] or rates),
+            "data_wait": statistics.median(waits[1:] or waits)}
 
 
-def run_case(precision: str, compile: bool, data: Path, runs: Path, overrides: list[str], steps: int) -> dict:
-    """Train one case under ``torchrun --nproc_per_node=1``; its images per second from ``metrics.jsonl``."""
-    name = f"{precision}{'-compile' if compile else ''}"
-    return torchrun_case(name, ["diffusion.cli.train", *BASE, f"dataset.root={data}", f"trainer.max_steps={steps}",
+def run_case(precision: str, compile: bool, data: Path, runs: Path, overrides: list[str], steps: int,
+             shards: bool = False) -> dict:
+    """Train one case under ``torchrun --nproc_per_node=1``, on the PNG folder or its shards; its images per second
+    from ``metrics.jsonl``."""
+    name = f"{precision}{'-compile' if compile else ''}{'-shards' if shards else ''}"
+    source = ["dataset=shards", f"dataset.root={shards_of(data)}"] if shards else [f"dataset.root={data}"]
+    return torchrun_case(name, ["diffusion.cli.train", *BASE, *source, f"trainer.max_steps={steps}",
                                 f"trainer.precision={precision}", f"trainer.compile={str(compile).lower()}",
                                 f"paths.runs_dir={runs / name}", *overrides], runs, precision, compile)
 
@@ -116,6 +135,7 @@ def run_check(cases=CASES, overrides: list[str] = (), steps: int = STEPS, workdi
         rows = [run_case(p, c, data, Path(tmp) / "runs", list(overrides), steps) for p, c in cases]
         first = f"{cases[0][0]}{'-compile' if cases[0][1] else ''}"
         rows.append(run_distill_case(Path(tmp) / "runs" / first, Path(tmp) / "runs", list(overrides), steps))
+        rows.append(run_case(*cases[0], data, Path(tmp) / "runs", list(overrides), steps, shards=True))
     for row in rows:
         if "images_per_sec" in row:
             row["tflops_per_sec"] = flops * row["images_per_sec"] / 1e12
@@ -128,7 +148,7 @@ def run_check(cases=CASES, overrides: list[str] = (), steps: int = STEPS, workdi
             print(f"{row['case']:>14}  FAILED\n{row['error']}")
         else:
             print(f"{row['case']:>14}  {row['images_per_sec']:9.1f} img/s  {row['tflops_per_sec']:7.2f} TFLOP/s  "
-                  f"{row['utilisation']:6.1%} of peak")
+                  f"{row['utilisation']:6.1%} of peak  {row['data_wait']:6.1%} waiting for data")
     return [{"device": device_name, "peak_flops_per_sec": peak, "flops_per_image": flops, **row} for row in rows]
 
 

@@ -39,6 +39,23 @@ class BenchOptions:
     processes: int = 1
     whole_sample: tuple[str, int] | None = None  # (sampler config, steps)
     distill: bool = False  # also time each distillation method's step against a training step
+    loader_formats: FormatsOptions | None = None  # the PNG folder against shards (loader.formats), or None: skip
+
+
+@dataclass
+class FormatsOptions:
+    """The ``loader.formats`` section: synthetic images as a PNG folder and as shards, read by each worker count."""
+
+    images: int
+    image_size: int
+    channels: int
+    batch_size: int
+    workers: list[int]
+    shard_size: int
+    wait_model: str
+    wait_model_overrides: dict
+    wait_steps: int
+    wait_skip: int
 
 
 def model_setup(name: str, per_model: DictConfig) -> ModelSetup:
@@ -61,10 +78,54 @@ def model_setup(name: str, per_model: DictConfig) -> ModelSetup:
     return ModelSetup(name=name, **{"model": {}, "bare_sample_model": {}, **entry})
 
 
+def formats_options(section: DictConfig) -> FormatsOptions | None:
+    """The checked ``loader.formats`` section, or None when it is not enabled."""
+    if not section.enabled:
+        return None
+    entry = OmegaConf.to_container(section, resolve=True)
+    for key in ("images", "image_size", "channels", "batch_size", "shard_size", "wait_steps", "wait_skip"):
+        if not isinstance(entry.get(key), int) or isinstance(entry[key], bool):
+            raise ConfigError(f"loader.formats.{key}={entry.get(key)!r} must be an integer")
+    if entry["image_size"] < 8:
+        raise ConfigError(f"loader.formats.image_size={entry['image_size']} must be at least 8, e.g. "
+                          "loader.formats.image_size=64")
+    if entry["channels"] not in (1, 3):
+        raise ConfigError(f"loader.formats.channels={entry['channels']} must be 1 (grayscale) or 3 (RGB)")
+    if entry["batch_size"] < 1 or entry["shard_size"] < 1:
+        raise ConfigError(f"loader.formats.batch_size={entry['batch_size']} and loader.formats.shard_size="
+                          f"{entry['shard_size']} must be positive, e.g. batch_size=64 shard_size=1000")
+    if entry["images"] < entry["batch_size"]:
+        raise ConfigError(f"loader.formats.images={entry['images']} is fewer than one batch of "
+                          f"loader.formats.batch_size={entry['batch_size']}: raise images or lower batch_size")
+    workers = entry.get("workers")
+    if (not isinstance(workers, list) or not workers
+            or any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in workers)):
+        raise ConfigError(f"loader.formats.workers={workers!r} must be a non-empty list of worker counts >= 0, e.g. "
+                          "loader.formats.workers=[0,1,2]")
+    if entry["wait_steps"] < 0 or entry["wait_skip"] < 0:
+        raise ConfigError(f"loader.formats.wait_steps={entry['wait_steps']} and wait_skip={entry['wait_skip']} must "
+                          "be >= 0 (wait_steps=0: no training loop)")
+    model = str(entry["wait_model"])
+    if not (MODEL_DIR / f"{model}.yaml").is_file():
+        raise ConfigError(f"loader.formats.wait_model={model!r} has no conf/model/{model}.yaml; choose from "
+                          f"{known_models()}")
+    overrides = entry.get("wait_model_overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"loader.formats.wait_model_overrides={overrides!r} must be a mapping of model keys, e.g. "
+                          "{attention_resolutions:[16]}")
+    return FormatsOptions(
+        images=entry["images"], image_size=entry["image_size"], channels=entry["channels"],
+        batch_size=entry["batch_size"], workers=list(dict.fromkeys(workers)), shard_size=entry["shard_size"],
+        wait_model=model, wait_model_overrides=overrides, wait_steps=entry["wait_steps"], wait_skip=entry["wait_skip"],
+    )
+
+
 def read_options(cfg: DictConfig) -> BenchOptions:
     """Check the bench's config and turn it into ``BenchOptions``."""
-    if not cfg.models:
-        raise ConfigError("models is empty: name at least one model config, e.g. models=[unet_tiny]")
+    loader_formats = formats_options(cfg.loader.formats)
+    if not cfg.models and loader_formats is None:
+        raise ConfigError("models is empty: name at least one model config, e.g. models=[unet_tiny], or run a "
+                          "section alone, e.g. models=[] loader.formats.enabled=true")
     setups = [model_setup(str(name), cfg.per_model) for name in cfg.models]
     device = resolve_device(cfg.device)
     if cfg.precisions == "auto":
@@ -118,4 +179,5 @@ def read_options(cfg: DictConfig) -> BenchOptions:
         processes=int(cfg.processes),
         whole_sample=(str(whole.sampler), int(whole.steps)) if whole.enabled else None,
         distill=bool(cfg.distill),
+        loader_formats=loader_formats,
     )

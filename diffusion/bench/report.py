@@ -1,4 +1,5 @@
-"""The bench's outputs: a table with one row per model and precision, JSON, and profiler tables."""
+"""The bench's outputs: a table with one row per model and precision, JSON, profiler tables and the loader's
+formats."""
 
 from __future__ import annotations
 
@@ -65,6 +66,34 @@ def whole_sample_line(row: dict) -> str:
     return (f"{row['model']} {row['precision']}, {whole['images']} images: {whole['sampler']} {whole['steps']} steps "
             f"{whole['seconds']:.1f} s; the seed's loop, {whole['seed_loop_evaluations']} evaluations, "
             f"{whole['seed_loop_seconds']:.1f} s; ratio {whole['over_seed_loop']:.4f} (1/{1 / whole['over_seed_loop']:.1f})")
+
+
+def formats_table(section: dict) -> str:
+    """The ``loader_formats`` section as text: one row per format and worker count, then the ratio per core."""
+    settings = section["settings"]
+    size = f"{settings['image_size']}x{settings['image_size']}x{settings['channels']}"
+    rows = [["format", "workers", "img/s", "img/s per core", "wait share", "step s"]]
+    for row in section["rows"]:
+        wait = row["wait"]
+        rows.append([row["format"], str(row["workers"]), f"{row['images_per_sec']:.0f}",
+                     f"{row['images_per_sec_per_core']:.0f}", "-" if wait is None else f"{wait['share']:.1%}",
+                     "-" if wait is None else f"{wait['train_seconds'] / wait['steps']:.3f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    png, shards = section["png_bytes_per_image"] / 1024, section["shard_bytes_per_image"] / 1024
+    lines = [f"\ndata formats: {settings['images']} images {size}, batch {settings['batch_size']}; "
+             f"PNG {png:.1f} KiB/image, shards {shards:.1f} KiB/image; page cache warm; "
+             f"{section['machine']['usable_cpus']} CPUs"]
+    lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+              for r in rows]
+    lines.insert(2, "  ".join("-" * w for w in widths))
+    ratios = ", ".join(f"{ratio:.2f} ({workers} worker{'' if workers == '1' else 's'})"
+                       for workers, ratio in section["shards_over_png_per_core"].items())
+    lines.append(f"shards / PNG folder per core: {ratios}")
+    if any(row["wait"] for row in section["rows"]):
+        steps = settings["wait_steps"]
+        lines.append(f"wait share: data_seconds / train_seconds of {settings['wait_model']} training {steps} "
+                     f"step{'' if steps == 1 else 's'} ({settings['wait']}); step s: seconds per training step")
+    return "\n".join(lines)
 
 
 def write_json(report: dict, path: Path) -> Path:

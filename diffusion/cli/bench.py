@@ -1,4 +1,5 @@
-"""``diffusion-bench``: training and sampling throughput, FLOPs and utilisation of each model; a table and JSON."""
+"""``diffusion-bench``: training and sampling throughput, FLOPs and utilisation of each model, and optionally the
+loader's throughput by data format; tables and JSON."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from diffusion.bench.loader_formats import loader_formats
 from diffusion.bench.measure import peak_matmul_flops
 from diffusion.bench.options import BenchOptions, read_options
-from diffusion.bench.report import ops_table, table, write_json
+from diffusion.bench.report import formats_table, ops_table, table, write_json
 from diffusion.bench.runner import bench_model, loader_rates, profile_training
 from diffusion.bench.workloads import Parts
 from diffusion.config import CONFIG_DIR
@@ -28,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def bench(cfg: DictConfig) -> dict:
-    """Benchmark every model of ``cfg.models`` at every precision; print a table, write ``bench.json``, return it."""
+    """Benchmark every model of ``cfg.models`` at every precision (none: ``models=[]``), and the loader's formats when
+    ``loader.formats.enabled``; print the tables, write ``bench.json``, return it."""
     opts = read_options(cfg)
     if cfg.threads is not None:
         torch.set_num_threads(opts.threads)
@@ -37,7 +40,7 @@ def bench(cfg: DictConfig) -> dict:
         lr_scheduler=instantiate(cfg.lr_scheduler), trainer=instantiate(cfg.trainer, _partial_=True),
     )
     report: dict = {"machine": machine(opts), "settings": settings(opts)}
-    peaks = measure_peaks(opts)
+    peaks = measure_peaks(opts) if opts.setups else {}
     results = []
     with quiet("diffusion.engine.trainer"):
         for setup in opts.setups:
@@ -50,15 +53,19 @@ def bench(cfg: DictConfig) -> dict:
                 row["loader"] = {**loader, "train_images_per_sec": row["train"]["engine_images_per_sec"]}
                 results.append(row)
         report["profile"] = profile_training(opts.profile, parts, opts) if opts.profile else None
+        report["loader_formats"] = loader_formats(opts.loader_formats, parts, opts) if opts.loader_formats else None
     report["peak_matmul_flops_per_sec"] = peaks
     report["machine"]["load_average_after"] = list(os.getloadavg())
     report["results"] = results
-    print(table(results))
+    if results:
+        print(table(results))
     if report["profile"]:
         profile = report["profile"]
         where = f"{profile['model']} at {profile['image_size']}x{profile['image_size']}"
         print(ops_table(profile["train_top_ops"], f"\ntraining step of {where}, batch {profile['batch_size']}:"))
         print(ops_table(profile["sample_top_ops"], f"\nsampling forward of {where}, batch {profile['sample_batch_size']}:"))
+    if report["loader_formats"]:
+        print(formats_table(report["loader_formats"]))
     path = write_json(report, Path(cfg.paths.output_dir) / "bench.json")
     log.info("wrote %s", shown(path))
     return report

@@ -109,6 +109,27 @@ def shard_window_order(shard_sizes: list[int], shuffle_shards: int,
     return order, windows
 
 
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (0 to 255) as float images in [-1, 1], where the model takes them (a float tensor: itself)."""
+    if images.dtype != torch.uint8:
+        return images
+    return images.float().div_(127.5).sub_(1)
+
+
+class PixelBatches(Dataset):
+    """The loader's view of a data set that serves uint8 pixels (``read_pixels``): its batches as stored, a quarter
+    of the bytes between processes; the trainer scales them to [-1, 1] on the device (``to_model_range``)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: list[int]):
+        return self.dataset.read_pixels(indices)
+
+
 def _ignore_sigint(_worker_id: int) -> None:
     """Workers leave Ctrl-C to the main process, which saves a checkpoint before it stops."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -123,6 +144,9 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
                  world_size: int = 1) -> DataLoader:
     """A DataLoader over ``EpochBatchSampler`` (this process's share of each batch); its workers' seeds come
     from a fixed generator, not the global RNG."""
+    # asked of the class, not the instance: a wrapper that passes attributes on (LowResolutionPairs) serves floats
+    pixels = hasattr(type(dataset), "serves_pixels") and dataset.serves_pixels
+    served = PixelBatches(dataset) if pixels else dataset
     sampler = EpochBatchSampler(len(dataset), batch_size, seed, rank, world_size,
                                 **(dict(shard_sizes=dataset.shard_sizes(), shuffle_shards=dataset.shuffle_shards,
                                         prefetch=getattr(dataset, "prefetch", None))
@@ -130,14 +154,14 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
     if num_workers > 0 and isinstance(dataset, FileBackedDataset):
         dataset.track_workers(num_workers)
     return DataLoader(
-        dataset,
+        served,
         batch_sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         worker_init_fn=_ignore_sigint if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
-        collate_fn=_already_batched if isinstance(dataset, BatchedDataset) else None,
+        collate_fn=_already_batched if isinstance(served, BatchedDataset) else None,
     )
 
 

@@ -22,3 +22,4 @@ def check_downsample_from(image_size: int, downsample_from: int | None) -> None:
     if downsample_from is not None and (downsample_from <= image_size or downsample_from % image_size):
         raise ConfigError(f"dataset.downsample_from={downsample_from} must be a multiple of dataset.image_size="
                           f"{image_size} larger than it (the images are made at that size, then box-filtered down)")
+

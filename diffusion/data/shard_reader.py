@@ -11,7 +11,7 @@ import uuid
 import zlib
 from pathlib import Path
 
-from diffusion.storage import is_url, url_to_fs
+from diffusion.engine.storage import is_url, url_to_fs
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from diffusion.data.loader import to_model_range
 from diffusion.data.resize import area_downsample
 from diffusion.data.shard_format import INDEX, SPLITS, Layout, check_index
 from diffusion.data.shard_reader import ShardFiles, crc32_of
@@ -197,8 +198,22 @@ class ShardDataset(Dataset):
             position %= self.shards[number]["num_images"]
         return number, position
 
+    @property
+    def serves_pixels(self) -> bool:
+        """Whether the loader may take batches of uint8 pixels (``read_pixels``), scaled to [-1, 1] on the device:
+        a quarter of the bytes between processes and to the GPU. Not when the images are box-filtered down."""
+        return self.image_size == self.layout.image_size
+
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A whole batch: one read per image into one buffer."""
+        """A whole batch in [-1, 1]: one read per image into one buffer."""
+        pixels, labels = self.read_pixels(indices)
+        images = to_model_range(pixels)
+        if self.image_size != self.layout.image_size:
+            images = area_downsample(images, self.image_size)
+        return images.contiguous(), labels
+
+    def read_pixels(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch as stored: uint8 pixels (N x C x H x W, 0 to 255) and the labels."""
         pixels = np.empty((len(indices), *self.layout.shape), dtype=np.uint8)
         labels = torch.empty(len(indices), dtype=torch.long)
         worker = get_worker_info() if self.reading is not None else None
@@ -214,10 +229,7 @@ class ShardDataset(Dataset):
             labels[row] = self.shards[number]["labels"][position]
         if worker is not None:
             self.reading[worker.id, 1] = -1
-        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
-        if self.image_size != self.layout.image_size:
-            images = area_downsample(images, self.image_size)
-        return images.contiguous(), labels
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2), labels
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         images, labels = self.__getitems__([index])

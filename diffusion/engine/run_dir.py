@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from diffusion import storage
+from diffusion.engine import storage
 from diffusion.engine import distributed
 from diffusion.engine.loggers import Logger, NullLogger
 from diffusion.errors import PathNotFound
-from diffusion.storage import is_url
+from diffusion.engine.storage import is_url
 
 log = logging.getLogger(__name__)
 

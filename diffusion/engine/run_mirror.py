@@ -9,7 +9,7 @@ import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from diffusion import storage
+from diffusion.engine import storage
 from diffusion.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from diffusion.data.loader import to_model_range
 from diffusion.data.training_data import TrainingData
 from diffusion.engine import distributed
 from diffusion.engine.callbacks.base import Callback, RunView
@@ -205,7 +206,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for micro in range(self.accumulation_steps):
             waiting = time.perf_counter()
-            batch = [tensor.to(self.device, non_blocking=True) for tensor in next(batches)]
+            batch = [to_model_range(tensor.to(self.device, non_blocking=True)) for tensor in next(batches)]
             self.data_seconds += time.perf_counter() - waiting
             last = micro == self.accumulation_steps - 1  # gradients are averaged over processes once, at the end
             synced = nullcontext() if self.network is self.model or last else self.network.no_sync()
