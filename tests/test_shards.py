@@ -349,6 +349,10 @@ def test_a_missing_index_or_an_empty_root_is_named(tmp_path):
         ShardDataset(str(tmp_path), image_size=8)
     with pytest.raises(ConfigError, match="dataset.root is not set"):
         ShardDataset(None)
+    source_folder(tmp_path / "images", per_class=1)
+    with pytest.raises(PathNotFound, match="holds other files: for a folder of images use dataset=image_folder, or "
+                                           f"write its shards with diffusion-prepare src={tmp_path / 'images'} dst="):
+        ShardDataset(str(tmp_path / "images"), image_size=8)
 
 
 # --- training ------------------------------------------------------------------------------------

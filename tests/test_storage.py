@@ -15,8 +15,8 @@ import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
 import diffusion.engine.trainer as trainer_module
-from diffusion.engine import storage
 from diffusion.cli.train import train
+from diffusion.engine import storage
 from diffusion.engine.callbacks.checkpointing import Checkpointing
 from diffusion.engine.checkpoint import load_checkpoint
 from diffusion.engine.run_dir import checkpoint_to_resume, run_dir_for
@@ -245,3 +245,23 @@ def test_upload_and_resume_through_a_file_url(tmp_path, monkeypatch):
     assert logged(fresh) == logged(tmp_path / "straight") and logged(fresh, after=5) != []
     assert_same_tensors(load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"],
                         load_checkpoint(fresh / "checkpoints" / "last.pt")["model"])
+
+
+def test_a_run_resumed_from_a_url_keeps_the_earlier_log_lines_before_its_own(tmp_path):
+    """From the command line (Hydra's log file open from the start): the remote train.log's lines come first, and
+    the resumed run's own lines still reach the file (it is extended in place, not replaced under the logger)."""
+    from tests.conftest import cli
+
+    url = f"file://{tmp_path / 'bucket' / 'run'}"
+    common = [*smoke_overrides(**{"callbacks.sample_grid.every": 0}), f"callbacks.checkpoint.upload_to={url}",
+              f"paths.runs_dir={tmp_path / 'runs'}"]
+    remote = tmp_path / "bucket" / "run" / "train.log"
+    cli("train", *common, "trainer.max_steps=4", cwd=tmp_path)
+    uploaded = remote.read_text()  # the lines logged after the last upload (where it went) are local only
+    cli("train", *common, "trainer.max_steps=8", f"resume={url}", cwd=tmp_path)
+    first, resumed = sorted((tmp_path / "runs" / "train").iterdir())
+    log = (resumed / "train.log").read_text()
+    assert log.startswith(uploaded) and (first / "train.log").read_text().startswith(uploaded)
+    assert "step 4/4" in uploaded
+    assert "resumed from" in log[len(uploaded):] and "step 8/8" in log[len(uploaded):]
+    assert log.startswith(remote.read_text()) and "step 8/8" in remote.read_text()

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -88,8 +89,12 @@ class ShardDataset(Dataset):
         try:
             return self.files.read_text(INDEX)
         except (FileNotFoundError, NotADirectoryError):
+            folder = not self.files.remote and Path(self.files.base).is_dir() and any(Path(self.files.base).iterdir())
+            hint = (f"; {self.files.root} holds other files: for a folder of images use dataset=image_folder, or "
+                    f"write its shards with diffusion-prepare src={self.files.root} dst=DIR format=shards"
+                    if folder else "")
             raise PathNotFound(f"{self.files.where(INDEX)} does not exist: point dataset.root at a folder that "
-                               "diffusion-prepare format=shards wrote") from None
+                               f"diffusion-prepare format=shards wrote{hint}") from None
 
     def check_shape(self, image_size: int, channels: int, downsample_from: int | None) -> None:
         """The size and channels asked for against the shards': the same, or a size that divides theirs."""

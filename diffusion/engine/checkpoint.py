@@ -33,8 +33,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 import diffusion
-from diffusion.engine import storage
-from diffusion.engine import distributed
+from diffusion.engine import distributed, storage
 from diffusion.engine.optimizer import load_optimizer_moments, restore_lr_scheduler, restore_optimizer
 from diffusion.engine.random_state import restore_generator, rng_state, set_rng_state
 from diffusion.errors import CheckpointError, ConfigError, PathNotFound

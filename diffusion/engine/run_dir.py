@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from diffusion.engine import storage
-from diffusion.engine import distributed
+from diffusion.engine import distributed, storage
 from diffusion.engine.loggers import Logger, NullLogger
-from diffusion.errors import PathNotFound
 from diffusion.engine.storage import is_url
+from diffusion.errors import PathNotFound
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +97,22 @@ def copy_remote_checkpoint(resume: str, output_dir: str) -> str:
 
 def copy_run_files(run_url: str, output_dir: Path) -> None:
     """Copy the files of a remote run directory into ``output_dir``, but its checkpoints, EMA snapshots and config
-    (the new run writes its own)."""
+    (the new run writes its own); a file the new run has begun (its log) gets the remote lines before its own."""
     fs, root = storage.url_to_fs(run_url)
     for path in fs.find(root):
         relative = path[len(root.rstrip("/")) + 1:]
         skipped = relative.split("/")[0] in ("checkpoints", "ema_snapshots", ".hydra")
         if skipped or storage.TEMPORARY.match(Path(path).name):
             continue
-        storage.download(storage.joined(run_url, relative), output_dir / relative)
+        local = output_dir / relative
+        if local.is_file():  # train.log, which this run's logger already writes to: the old lines go before its own
+            earlier = fs.cat_file(path)
+            with open(local, "r+b") as f:  # in place: the logger's file stays the same file
+                own = f.read()
+                f.seek(0)
+                f.write(earlier + own)
+            continue
+        storage.download(storage.joined(run_url, relative), local)
 
 
 def shown(path: str | Path) -> str:
