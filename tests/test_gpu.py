@@ -1,12 +1,14 @@
 """The CUDA paths on one GPU, run by ``pytest -m gpu`` (and skipped, saying why, where PyTorch sees no GPU): mixed
 precision with its gradient scaler and a skipped step, channels-last and compiled steps against eager ones,
 one-process NCCL DDP against no DDP, a CUDA checkpoint resumed on the CPU, GPU samples against CPU ones,
-non-leaky augmentation on the GPU against the CPU, a distillation on the GPU resumed exactly, and a run on shards
+non-leaky augmentation on the GPU against the CPU, inpainting and inversion on the GPU against the CPU, a
+distillation on the GPU resumed exactly, and a run on shards
 reading on the GPU what it reads on the CPU.
 
 Tiny models and few steps; ``python -m diffusion.bench.gpu_check`` measures the speed of the same paths.
 """
 
+import functools
 import json
 import logging
 import math
@@ -170,6 +172,27 @@ def test_samples_drawn_on_the_gpu_match_those_drawn_on_the_cpu(tmp_path, trained
     written = np.stack([np.asarray(Image.open(path), dtype=np.float64) for path in paths])
     exact = (images["cpu"][:, 0].numpy().astype(np.float64) + 1) * 127.5  # PNGs round [-1, 1] to 0..255
     assert np.abs(written - exact).max() <= 0.5 + 127.5 * 5e-4
+
+
+def test_edits_on_the_gpu_keep_what_they_promise_and_match_the_cpu(tmp_path, trained_checkpoint, full_fp32):
+    """Inpainting keeps the known pixels exactly and inverting then regenerating returns the input on the GPU as on
+    the CPU (the same seeds: each image's noise comes from its own CPU generator)."""
+    from diffusion.process import editing
+    from diffusion.process.inpaint import mask_shape, sample_inpaint
+    from diffusion.process.samplers import sample_dpmpp_2m
+
+    images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    repaint = functools.partial(sample_inpaint, steps=8, jumps=2, jump_length=2)
+    results = {}
+    for device in ("cpu", "cuda"):
+        trained = load_trained(str(trained_checkpoint), "raw", torch.device(device))
+        filled = editing.inpaint(trained, repaint, images, mask_shape("lower_half", 16), [0, 1, 2, 3], batch_size=2)
+        assert torch.equal(filled[..., :8, :], images[..., :8, :])
+        ode = functools.partial(sample_dpmpp_2m, steps=50)
+        latents = editing.invert_images(trained, ode, images, batch_size=2)
+        results[device] = filled, latents, editing.regenerate(trained, ode, latents, [0, 1, 2, 3], batch_size=2)
+    for cpu, cuda in zip(results["cpu"], results["cuda"]):
+        torch.testing.assert_close(cuda, cpu, rtol=0, atol=5e-3)
 
 
 def test_non_leaky_augmentation_on_the_gpu_moves_the_pixels_as_on_the_cpu():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -12,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion.cli.sample_edit import check_edit, edit
 from diffusion.config import CONFIG_DIR, check_value_types, command_line_overrides
 from diffusion.engine.devices import resolve_device
 from diffusion.engine.run_dir import shown
@@ -26,7 +28,9 @@ log = logging.getLogger(__name__)
 
 
 def sample(cfg: DictConfig) -> Path:
-    """Sample ``cfg.num_images`` images (image i from seed ``cfg.seed + i``); returns the grid's path."""
+    """Sample ``cfg.num_images`` images (image i from seed ``cfg.seed + i``), or edit inputs (``edit=``);
+    returns the grid's path (an edit's figure)."""
+    check_edit(cfg)
     if cfg.get("cascade") is not None:
         if cfg.checkpoint:
             raise ConfigError("pass either checkpoint=PATH or cascade=<name> (with the checkpoints of its stages), "
@@ -39,13 +43,20 @@ def sample(cfg: DictConfig) -> Path:
     trained = load_trained(cfg.checkpoint, cfg.weights, device, OmegaConf.to_container(cfg.seed_format))
     model, schedule, objective, state, class_names = (trained.model, trained.schedule, trained.objective,
                                                       trained.state, trained.class_names)
+    if cfg.edit is not None:
+        return edit_with(cfg, trained)
     sampler_config = student_sampler(cfg.sampler, trained, command_line_overrides())
     check_value_types(sampler_config, "sampler")
     sampler = instantiate(sampler_config)
     # the model's own classes: a data set with sub-folders may still have trained an unconditional model
-    labels, label_nrow = resolve_class_labels(cfg.class_label, cfg.num_images,
+    latents = read_noise(cfg.noise) if cfg.noise else None
+    wanted = cfg.num_images if latents is None else len(latents)
+    labels, label_nrow = resolve_class_labels(cfg.class_label, wanted,
                                               class_names if model.num_classes else None, cfg.nrow or 8)
-    num_images = len(labels) if labels is not None else cfg.num_images
+    num_images = len(labels) if labels is not None else wanted
+    if latents is not None and num_images != len(latents):
+        raise ConfigError(f"noise={cfg.noise} holds {len(latents)} images' noise but class_label asks for {num_images} "
+                          "images: give one class, or a list")
     seeds = list(range(cfg.seed, cfg.seed + num_images))
     image_shape = (model.in_channels, model.image_size, model.image_size)
     log.info("sampling %d images from %s (step %d, %s weights) on %s%s", num_images, shown(cfg.checkpoint),
@@ -54,8 +65,9 @@ def sample(cfg: DictConfig) -> Path:
     num_batches = -(-num_images // cfg.batch_size)
     recorder = TrajectoryRecorder(cfg.gif_every) if cfg.gif else None
     with sampling_progress(num_batches, then=recorder) as progress:
+        start = None if latents is None else (lambda noise, rows: latents[rows].to(noise.device))
         images = generate(model, schedule, objective, sampler, seeds, image_shape, labels, cfg.batch_size,
-                          callback=progress, guidance_scale=cfg.guidance_scale)
+                          callback=progress, guidance_scale=cfg.guidance_scale, start=start)
     nrow = cfg.nrow or label_nrow
     out = Path(cfg.paths.output_dir)
     grid = save_grid(images, out / "grid.png", nrow=nrow, upscale=cfg.upscale)
@@ -65,8 +77,34 @@ def sample(cfg: DictConfig) -> Path:
         log.info("wrote %s", shown(gif))
     if cfg.save_images:
         save_images(images, out / "images", upscale=cfg.upscale)
-    log.info("wrote %s%s", shown(grid), f" and {len(images)} images in {shown(out / 'images')}" if cfg.save_images else "")
+    log.info("wrote %s%s", shown(grid),
+             f" and {len(images)} images in {shown(out / 'images')}" if cfg.save_images else "")
     return grid
+
+
+def edit_with(cfg: DictConfig, trained) -> Path:
+    """An edit (``edit=inpaint|img2img|invert|translate|interpolate``) and its GIF; returns its figure."""
+    out = Path(cfg.paths.output_dir)
+    recorder = TrajectoryRecorder(cfg.gif_every) if cfg.gif else None
+    with sampling_progress(1, then=recorder) as progress:
+        figure, metrics = edit(cfg, trained, out, progress)
+    if recorder is not None and recorder.batches:
+        gif = recorder.save_gif(out / "trajectory.gif", nrow=cfg.nrow or 8, upscale=max(2, cfg.upscale))
+        log.info("wrote %s", shown(gif))
+    shown_metrics = {key: value for key, value in metrics.items() if key not in ("edit", "noise")}
+    log.info("wrote %s and %s: %s", shown(figure), shown(out / "edit.json"), json.dumps(shown_metrics))
+    return figure
+
+
+def read_noise(path: str) -> torch.Tensor:
+    """The starting noise a ``edit=invert`` run wrote (its ``noise.pt``)."""
+    from diffusion.engine.checkpoint import read_file
+
+    saved = read_file(path)
+    if not isinstance(saved, dict) or not torch.is_tensor(saved.get("noise")):
+        raise ConfigError(f"noise={path} is not a noise.pt written by edit=invert: give the noise.pt in the folder "
+                          "of a edit=invert run")
+    return saved["noise"]
 
 
 def sample_a_cascade(cfg: DictConfig) -> Path:

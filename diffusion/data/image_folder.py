@@ -114,13 +114,8 @@ class ImageFolderDataset(Dataset):
         return digest.hexdigest()[:16]
 
     def load(self, path: Path) -> torch.Tensor:
-        """Decode, convert, resize on the shorter side, centre-crop, scale to [-1, 1] (and box-filter down)."""
-        made = self.downsample_from or self.image_size
-        with Image.open(path) as image:
-            image = image.convert("RGB" if self.channels == 3 else "L")
-            image = TF.resize(image, made, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-            image = TF.center_crop(image, made)
-            return area_downsample(TF.to_tensor(image)[None] * 2 - 1, self.image_size)[0]
+        """One image as the data set serves it (``load_image``)."""
+        return load_image(path, self.image_size, self.channels, self.downsample_from)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         worker = get_worker_info() if self.reading is not None else None
@@ -139,6 +134,16 @@ class ImageFolderDataset(Dataset):
                     self.skipped.add(i)
                     log.warning("skipping unreadable image %s (%s); %d skipped so far", path, error, len(self.skipped))
         raise DataError(f"no image under dataset.root '{self.root}' could be read")
+
+
+def load_image(path: Path, image_size: int, channels: int, downsample_from: int | None = None) -> torch.Tensor:
+    """Decode, convert, resize on the shorter side, centre-crop, scale to [-1, 1] (and box-filter down)."""
+    made = downsample_from or image_size
+    with Image.open(path) as image:
+        image = image.convert("RGB" if channels == 3 else "L")
+        image = TF.resize(image, made, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        image = TF.center_crop(image, made)
+        return area_downsample(TF.to_tensor(image)[None] * 2 - 1, image_size)[0]
 
 
 def _image_files(folder: Path, recursive: bool) -> list[Path]:

@@ -167,13 +167,17 @@ class UNet(nn.Module):
 
     def embed(self, t: torch.Tensor, class_labels: torch.Tensor | None,
               augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The conditioning vector: time embedding, plus the class embedding for conditional models, plus the
+        """The conditioning vector: time embedding, plus the class embedding for conditional models (``class_labels``
+        indices, or rows of weights over the labels and the "no class" one, mixing their embeddings), plus the
         augmentation labels' embedding for a model with ``augment_dim`` (no labels: zeros, no augmentation)."""
         emb = self.time_mlp(self.time_embed_dropout(sinusoidal_embedding(t, self.time_dim)))
         if self.class_embed is not None:
             if class_labels is None:
                 class_labels = torch.full_like(t, self.null_label, dtype=torch.long)
-            emb = emb + self.class_embed(class_labels)
+            if class_labels.is_floating_point():  # weights over the labels: a mix of their embeddings
+                emb = emb + class_labels.to(emb.dtype) @ self.class_embed.weight.to(emb.dtype)
+            else:
+                emb = emb + self.class_embed(class_labels)
         if self.augment_embed is not None:  # zeros still pass through the layer, so DDP sees it used
             if augment_labels is None:
                 augment_labels = emb.new_zeros(emb.shape[0], self.augment_dim)

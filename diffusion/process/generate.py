@@ -28,7 +28,11 @@ def guided_output(
     inputs = model_inputs or {}
     if class_labels is None or guidance_scale == 1.0:
         return model(x_t, t, class_labels=class_labels, **inputs).float()
-    null = torch.full_like(class_labels, model.null_label)
+    if class_labels.is_floating_point():  # weights over the labels (interpolated classes): the null label's row
+        null = torch.nn.functional.one_hot(torch.full_like(class_labels[:, 0], model.null_label, dtype=torch.long),
+                                           class_labels.shape[1]).to(class_labels.dtype)
+    else:
+        null = torch.full_like(class_labels, model.null_label)
     if guidance_scale == 0.0:
         return model(x_t, t, class_labels=null, **inputs).float()
     doubled = {key: torch.cat([value, value]) for key, value in inputs.items()}
@@ -82,28 +86,49 @@ def generate(
     callback: Callable[[dict], None] | None = None,
     guidance_scale: float = 1.0,
     model_inputs: dict[str, torch.Tensor] | None = None,
+    start: Callable[[torch.Tensor, slice], torch.Tensor] | None = None,
+    sampler_inputs: dict[str, torch.Tensor] | None = None,
+    sampler_options: dict | None = None,
 ) -> torch.Tensor:
-    """Sample one image per seed (in batches), returned on the CPU in [-1, 1]; ``class_labels`` one per seed, and
-    each of ``model_inputs`` one row per seed (a super-resolution stage's low-resolution images)."""
+    """Sample one image per seed (in batches), returned on the CPU in [-1, 1]; ``class_labels`` one per seed (an
+    index, or a row of weights over the labels), and each of ``model_inputs`` one row per seed (a super-resolution
+    stage's low-resolution images).
+
+    Editing starts elsewhere than fresh noise: ``start(noise, rows)`` turns a batch's fresh noise (drawn as ever,
+    so the sampler's later draws stay those of plain sampling) and its rows into its starting ``x`` (a noised input
+    image, an inversion's noise); ``sampler_inputs`` are per-image tensors passed to the sampler by name (RePaint's
+    known image and mask), ``sampler_options`` further keywords of the sampler (``start_step``).
+    """
     check_guidance(model, class_labels, guidance_scale)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     images = []
     try:
-        for start in range(0, len(seeds), batch_size):
-            batch_seeds = seeds[start : start + batch_size]
+        for first in range(0, len(seeds), batch_size):
+            batch_seeds = seeds[first : first + batch_size]
             generators = image_generators(batch_seeds)
             x = randn_per_image(torch.empty(len(batch_seeds), *image_shape, device=device), generators)
+            if start is not None:
+                x = start(x, slice(first, first + batch_size))
             labels = None
             if class_labels is not None:
-                labels = torch.as_tensor(class_labels[start : start + batch_size], device=device, dtype=torch.long)
-            inputs = {key: value[start : start + batch_size].to(device) for key, value in (model_inputs or {}).items()}
-            denoiser = make_denoiser(model, objective, schedule, labels, guidance_scale, inputs)
-            images.append(sampler(denoiser, x, schedule, generators, callback=callback).float().cpu())
+                chosen = class_labels[first : first + batch_size]
+                labels = chosen.to(device) if torch.is_tensor(chosen) else torch.as_tensor(chosen, device=device,
+                                                                                            dtype=torch.long)
+            rows = slice(first, first + batch_size)
+            denoiser = make_denoiser(model, objective, schedule, labels, guidance_scale,
+                                     rows_of(model_inputs, rows, device))
+            images.append(sampler(denoiser, x, schedule, generators, callback=callback,
+                                  **rows_of(sampler_inputs, rows, device), **(sampler_options or {})).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(images).clamp(-1.0, 1.0)
+
+
+def rows_of(tensors: dict[str, torch.Tensor] | None, rows: slice, device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's rows of each per-image tensor, on the device."""
+    return {key: value[rows].to(device) for key, value in (tensors or {}).items()}
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import torch
 from diffusion.errors import ConfigError
 from diffusion.process.samplers.grids import karras_sigmas
 from diffusion.process.samplers.noise import Denoiser, randn_per_image
-from diffusion.process.samplers.sigma_space import report, sigma_denoiser
+from diffusion.process.samplers.sigma_space import check_start_step, report, sigma_denoiser
 from diffusion.process.schedules import NoiseSchedule
 
 
@@ -51,16 +51,25 @@ def sample_consistency(
     sigma_max: float | None = 80.0,
     rho: float = 7.0,
     clip_denoised: bool = True,
+    start_step: int = 0,
 ) -> torch.Tensor:
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1): x0 = f(sigma_max z; sigma_max), then at each
     lower level s, x0 = f(x0 + sqrt(s^2 - s_min^2) z; s) with fresh noise z; NFE = steps. Made for a distilled
-    student (``diffusion-distill``), whose f is its denoiser; any other model gets its one-step denoising chained."""
+    student (``diffusion-distill``), whose f is its denoiser; any other model gets its one-step denoising chained.
+    ``start_step=k`` starts at the k-th level instead, from ``x`` as the variance-preserving x_t there (its
+    variance-exploding x * sqrt(1 + sigma^2) is denoised first); ``start_step=steps`` returns ``x``."""
     grid = consistency_levels(schedule, steps, levels, sigma_max, rho)
+    check_start_step(start_step, steps)
+    if start_step == steps:
+        return x
     smallest = schedule.sigmas[0].item()
     denoise = sigma_denoiser(denoiser, schedule, clip_denoised)
-    x0 = denoise(x * grid[0], grid[0])  # the variance-exploding image at the top level: x0 + sigma z, x0 negligible
-    report(callback, 0, steps, 0.0, x0, x0)
-    for i, sigma in enumerate(grid[1:], start=1):
+    top = grid[start_step]
+    # the variance-exploding image at the first level: at the top, x0 + sigma z with x0 negligible, so sigma z;
+    # lower, the variance-preserving x_t given as x * sqrt(1 + sigma^2)
+    x0 = denoise(x * top if start_step == 0 else x * math.sqrt(1.0 + top**2), top)
+    report(callback, 0, steps - start_step, 0.0, x0, x0)
+    for i, sigma in enumerate(grid[start_step + 1 :], start=1):
         x0 = denoise(x0 + math.sqrt(sigma**2 - smallest**2) * randn_per_image(x0, generators), sigma)
-        report(callback, i, steps, 0.0, x0, x0)
+        report(callback, i, steps - start_step, 0.0, x0, x0)
     return x0

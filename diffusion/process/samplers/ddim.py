@@ -8,6 +8,7 @@ import torch
 
 from diffusion.process.samplers.grids import sampling_timesteps
 from diffusion.process.samplers.noise import Denoiser, randn_per_image
+from diffusion.process.samplers.sigma_space import check_start_step
 from diffusion.process.schedules import NoiseSchedule
 
 
@@ -22,6 +23,7 @@ def sample_ddim(
     eta: float = 0.0,
     spacing: str = "trailing",
     clip_denoised: bool = True,
+    start_step: int = 0,
 ) -> torch.Tensor:
     """Song et al. 2021, Eq. 12; ``eta=0`` is deterministic, ``eta=1`` on the full grid is DDPM's ancestral sampler.
 
@@ -29,8 +31,12 @@ def sample_ddim(
         steps: network evaluations; the timesteps are chosen by ``spacing`` (leading | trailing | linspace).
         eta: scales the noise injected at each step (Eq. 16).
         clip_denoised: clamp the predicted x_0 to [-1, 1] (and re-derive eps from it).
+        start_step: skip the first ``start_step`` steps of the grid, ``x`` being x_t at the timestep of step
+            ``start_step`` (``sampler_levels``); as many as the grid has take no step and return ``x``.
     """
     timesteps = sampling_timesteps(schedule.num_timesteps, steps, spacing).tolist()
+    check_start_step(start_step, len(timesteps))
+    timesteps = timesteps[start_step:]
     abar = schedule.alphas_cumprod
     for i, step in enumerate(timesteps):
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)

@@ -9,6 +9,7 @@ import torch
 from diffusion.errors import ConfigError
 from diffusion.process.samplers.grids import sampling_timesteps
 from diffusion.process.samplers.noise import Denoiser, randn_per_image
+from diffusion.process.samplers.sigma_space import check_start_step
 from diffusion.process.schedules import NoiseSchedule
 
 VARIANCES = ("beta_tilde", "beta")
@@ -41,6 +42,7 @@ def sample_ddpm(
     variance: str = "beta_tilde",
     clip_denoised: bool = True,
     final_timestep: int = 0,
+    start_step: int = 0,
 ) -> torch.Tensor:
     """Ancestral sampling from T-1 down to 0 (DDPM Algorithm 2), drawing x_prev from the posterior of Eq. 7.
 
@@ -54,6 +56,8 @@ def sample_ddpm(
         final_timestep: the last timestep evaluated; its step lands on timestep ``final_timestep - 1`` without
             noise. 0 is the paper's sampler; 1 is the seed repository's, which never evaluates t = 0 and returns
             x at the first noise level.
+        start_step: skip the first ``start_step`` steps of the grid, ``x`` being x_t at the timestep of step
+            ``start_step`` (``sampler_levels``); as many as the grid has take no step and return ``x``.
     """
     if variance not in VARIANCES:
         raise ConfigError(f"sampler.variance={variance!r} is not known; choose one of {sorted(VARIANCES)}")
@@ -61,6 +65,8 @@ def sample_ddpm(
         raise ConfigError(f"sampler.final_timestep must lie in [0, {schedule.num_timesteps - 1}], got {final_timestep}")
     timesteps = sampling_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps, spacing).tolist()
     timesteps = [step for step in timesteps if step >= final_timestep]
+    check_start_step(start_step, len(timesteps))
+    timesteps = timesteps[start_step:]
     abar = schedule.alphas_cumprod
     landing = abar.new_ones(()) if final_timestep == 0 else abar[final_timestep - 1]
     for i, step in enumerate(timesteps):

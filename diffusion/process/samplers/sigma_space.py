@@ -2,7 +2,9 @@
 
 A variance-preserving x_t = alpha_t x_0 + sigma_t eps is the variance-exploding x = x_t / alpha_t with noise
 level sigma = sigma_t / alpha_t; the denoiser D(x; sigma) evaluates the network at the fractional timestep
-with that noise level. Each sampler starts from pure noise x (scaled to sigma_max) and returns x_0.
+with that noise level. Each sampler starts from pure noise x (scaled to sigma_max) and returns x_0; with
+``start_step=k`` it skips the first k steps of its grid and starts from x taken as the variance-preserving x_t at the
+grid's level k (``sampler_levels``), as image-to-image editing does.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from diffusion.errors import ConfigError
 from diffusion.process.samplers.grids import sampling_sigmas
 from diffusion.process.samplers.noise import Denoiser, randn_per_image
 from diffusion.process.schedules import NoiseSchedule
@@ -28,16 +31,28 @@ def sigma_denoiser(denoiser: Denoiser, schedule: NoiseSchedule, clip_denoised: b
     return denoise
 
 
-def start(denoiser: Denoiser, noise: torch.Tensor, schedule: NoiseSchedule, steps: int, spacing: str,
-          sigma_max: float | None, clip_denoised: bool) -> tuple[list[float], Callable, torch.Tensor]:
-    """The descending noise levels, D(x; sigma), and the starting point: unit noise scaled to the first level."""
+def check_start_step(start_step: int, steps: int) -> None:
+    """Refuse a ``start_step`` outside [0, steps], the steps of the sampler's grid."""
+    if not 0 <= start_step <= steps:
+        raise ConfigError(f"start_step must lie in [0, {steps}] (0 runs all {steps} steps of the sampler, {steps} "
+                          f"none), got {start_step}")
+
+
+def start(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int, spacing: str,
+          sigma_max: float | None, clip_denoised: bool,
+          start_step: int = 0) -> tuple[list[float], Callable, torch.Tensor]:
+    """The descending noise levels from step ``start_step`` on, D(x; sigma), and the starting point: the
+    variance-preserving ``x`` (unit noise at step 0) as the variance-exploding x * sqrt(1 + sigma^2) at the first."""
     sigmas = sampling_sigmas(schedule, steps, spacing, sigma_max).tolist()
-    return sigmas, sigma_denoiser(denoiser, schedule, clip_denoised), noise * math.sqrt(1.0 + sigmas[0] ** 2)
+    check_start_step(start_step, len(sigmas) - 1)
+    sigmas = sigmas[start_step:]
+    return sigmas, sigma_denoiser(denoiser, schedule, clip_denoised), x * math.sqrt(1.0 + sigmas[0] ** 2)
 
 
 def report(callback, i: int, num_steps: int, sigma_next: float, x: torch.Tensor, x0: torch.Tensor) -> None:
     if callback is not None:
-        callback({"i": i, "sigma": sigma_next, "num_steps": num_steps, "x": x / math.sqrt(1.0 + sigma_next**2), "x0": x0})
+        callback({"i": i, "sigma": sigma_next, "num_steps": num_steps, "x": x / math.sqrt(1.0 + sigma_next**2),
+                  "x0": x0})
 
 
 @torch.no_grad()
@@ -51,13 +66,14 @@ def sample_euler(
     spacing: str = "trailing",
     sigma_max: float | None = 80.0,
     clip_denoised: bool = True,
+    start_step: int = 0,
 ) -> torch.Tensor:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (EDM Eq. 3); NFE = steps."""
-    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised)
+    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised, start_step)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = denoise(x, sigma)
         x = x + (x - x0) / sigma * (sigma_next - sigma)
-        report(callback, i, steps, sigma_next, x, x0)
+        report(callback, i, len(sigmas) - 1, sigma_next, x, x0)
     return x
 
 
@@ -72,12 +88,13 @@ def sample_heun(
     spacing: str = "log_snr",
     sigma_max: float | None = 80.0,
     clip_denoised: bool = True,
+    start_step: int = 0,
 ) -> torch.Tensor:
     """Heun's second-order method (EDM Algorithm 1, deterministic); NFE = 2 steps - 1."""
-    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised)
+    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised, start_step)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x, x0 = heun_step(denoise, x, sigma, sigma_next)
-        report(callback, i, steps, sigma_next, x, x0)
+        report(callback, i, len(sigmas) - 1, sigma_next, x, x0)
     return x
 
 
@@ -108,9 +125,10 @@ def sample_euler_ancestral(
     spacing: str = "trailing",
     sigma_max: float | None = 80.0,
     clip_denoised: bool = True,
+    start_step: int = 0,
 ) -> torch.Tensor:
     """Euler down to sigma_down, then fresh noise up to sigma_next (k-diffusion's ancestral step); NFE = steps."""
-    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised)
+    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised, start_step)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = denoise(x, sigma)
         sigma_up = min(sigma_next, eta * math.sqrt(max(0.0, sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)))
@@ -118,7 +136,7 @@ def sample_euler_ancestral(
         x = x + (x - x0) / sigma * (sigma_down - sigma)
         if sigma_next > 0:
             x = x + sigma_up * randn_per_image(x, generators)
-        report(callback, i, steps, sigma_next, x, x0)
+        report(callback, i, len(sigmas) - 1, sigma_next, x, x0)
     return x
 
 
@@ -133,9 +151,10 @@ def sample_dpmpp_2m(
     spacing: str = "log_snr",
     sigma_max: float | None = 80.0,
     clip_denoised: bool = True,
+    start_step: int = 0,
 ) -> torch.Tensor:
     """DPM-Solver++(2M), the second-order multistep solver of Lu et al. 2022, Algorithm 2; NFE = steps."""
-    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised)
+    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised, start_step)
     previous_x0, previous_h = None, None
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = denoise(x, sigma)
@@ -150,5 +169,5 @@ def sample_dpmpp_2m(
             x = (sigma_next / sigma) * x - math.expm1(-h) * x0_estimate
             previous_h = h
         previous_x0 = x0
-        report(callback, i, steps, sigma_next, x, x0)
+        report(callback, i, len(sigmas) - 1, sigma_next, x, x0)
     return x

@@ -33,6 +33,7 @@ def sample_edm(
     spacing: str = "log_snr",
     sigma_max: float | None = 80.0,
     clip_denoised: bool = True,
+    start_step: int = 0,
 ) -> torch.Tensor:
     """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): raise sigma by gamma, then a Heun step.
 
@@ -40,7 +41,7 @@ def sample_edm(
     gamma = min(s_churn / steps, sqrt(2) - 1), scaled by ``s_noise``; ``s_churn=0`` is Heun's method
     (Algorithm 1). Network evaluations: 2 steps - 1.
     """
-    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised)
+    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised, start_step)
     gamma_max = min(s_churn / steps, math.sqrt(2.0) - 1.0)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         gamma = gamma_max if s_tmin <= sigma <= s_tmax else 0.0  # Algorithm 2, line 4
@@ -48,7 +49,7 @@ def sample_edm(
         if gamma > 0:  # line 6: x_hat = x + sqrt(sigma_hat^2 - sigma^2) eps
             x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * randn_per_image(x, generators)
         x, x0 = heun_step(denoise, x, sigma_hat, sigma_next)  # lines 7-11, from sigma_hat
-        report(callback, i, steps, sigma_next, x, x0)
+        report(callback, i, len(sigmas) - 1, sigma_next, x, x0)
     return x
 
 
@@ -68,6 +69,7 @@ def sample_dpmpp_2m_sde(
     spacing: str = "log_snr",
     sigma_max: float | None = 80.0,
     clip_denoised: bool = True,
+    start_step: int = 0,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022, Sec. 5, the SDE variant): exact in the linear part, second order
     in the data prediction, multistep with the midpoint correction; NFE = steps.
@@ -76,7 +78,7 @@ def sample_dpmpp_2m_sde(
     x <- (sigma_next / sigma) e^(-eta h) x + (1 - e^(-(1 + eta) h)) D  (+ the correction from the last D)
     followed by fresh noise of variance sigma_next^2 (1 - e^(-2 eta h)); ``eta=0`` is DPM-Solver++(2M).
     """
-    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised)
+    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised, start_step)
     previous_x0, previous_h = None, None
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = denoise(x, sigma)
@@ -92,7 +94,7 @@ def sample_dpmpp_2m_sde(
                 x = x + sigma_next * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise * randn_per_image(x, generators)
             previous_h = h
         previous_x0 = x0
-        report(callback, i, steps, sigma_next, x, x0)
+        report(callback, i, len(sigmas) - 1, sigma_next, x, x0)
     return x
 
 
@@ -109,6 +111,7 @@ def sample_dpmpp_3m_sde(
     spacing: str = "log_snr",
     sigma_max: float | None = 80.0,
     clip_denoised: bool = True,
+    start_step: int = 0,
 ) -> torch.Tensor:
     """DPM-Solver++(3M) SDE: the 2M SDE step with a third-order multistep correction from the last two
     predictions (Lu et al. 2022, Sec. 4-5; Zheng et al. 2023, DPM-Solver-v3, for the phi functions); NFE = steps.
@@ -116,7 +119,7 @@ def sample_dpmpp_3m_sde(
     phi_2 = (e^(-h') - 1) / h' + 1 and phi_3 = phi_2 / h' - 1/2 with h' = (1 + eta) h weigh the first and
     second differences of D over lambda = -log sigma.
     """
-    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised)
+    sigmas, denoise, x = start(denoiser, x, schedule, steps, spacing, sigma_max, clip_denoised, start_step)
     history: list[tuple[torch.Tensor, float]] = []  # (D, h) of the last two steps, newest first
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = denoise(x, sigma)
@@ -140,5 +143,5 @@ def sample_dpmpp_3m_sde(
             if eta > 0:
                 x = x + sigma_next * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise * randn_per_image(x, generators)
             history = [(x0, h), *history[:1]]
-        report(callback, i, steps, sigma_next, x, x0)
+        report(callback, i, len(sigmas) - 1, sigma_next, x, x0)
     return x
