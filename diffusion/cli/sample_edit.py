@@ -134,7 +134,7 @@ def edit(cfg: DictConfig, trained: TrainedModel, out: Path, callback) -> tuple[P
     seeds = list(range(cfg.seed, cfg.seed + count))
     labels = requested_labels(cfg, trained, inputs)
     common = dict(guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size)
-    log.info("%s: %d input images from %s%s", cfg.edit, count, shown(cfg.image),
+    log.info("%s: %d input image%s from %s%s", cfg.edit, count, "" if count == 1 else "s", shown(cfg.image),
              ", classes from their folders" if inputs.labels is not None else "")
     rows, metrics = [images], {"edit": cfg.edit, "images": count}
     if cfg.edit == "inpaint":
