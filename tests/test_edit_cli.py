@@ -164,3 +164,17 @@ def test_inputs_read_as_the_data_set_reads_them_with_classes_only_from_the_model
     keep[:, :5] = 255
     Image.fromarray(keep.numpy(), "L").save(tmp_path / "mask.png")
     assert torch.equal(read_mask(tmp_path / "mask.png", 16)[0, 0], (keep > 127).float())
+
+
+def test_an_unconditional_model_refuses_classes_and_translation_but_edits_otherwise(inputs, tmp_path):
+    train(compose_config("train", smoke_overrides(), tmp_path / "run"))
+    unconditional = tmp_path / "run" / "checkpoints" / "last.pt"
+    with pytest.raises(ConfigError) as raised:
+        run(unconditional, tmp_path / "a", "edit=interpolate", "seeds=[0,1]", "class_label=[1,2]")
+    assert str(raised.value) == "this model is unconditional (trained without classes): remove class_label"
+    with pytest.raises(ConfigError) as raised:
+        run(unconditional, tmp_path / "b", "edit=translate", f"image={inputs}", "class_label=1")
+    assert str(raised.value) == ("edit=translate needs a class-conditional model (trained with "
+                                 "model.num_classes=auto); this one is unconditional: use edit=img2img or edit=invert")
+    run(unconditional, tmp_path / "c", "edit=img2img", f"image={inputs}", "strength=0")  # the folders name no class
+    assert sorted(path.name for path in (tmp_path / "c" / "images").iterdir()) == [f"{i:06d}.png" for i in range(3)]

@@ -129,6 +129,11 @@ def edit(cfg: DictConfig, trained: TrainedModel, out: Path, callback) -> tuple[P
     names = class_names_of(trained)
     if cfg.edit == "interpolate":
         return interpolate(cfg, trained, sampler, names, out, callback)
+    if cfg.edit == "translate" and not names:
+        raise ConfigError("edit=translate needs a class-conditional model (trained with model.num_classes=auto); "
+                          "this one is unconditional: use edit=img2img or edit=invert")
+    if cfg.edit == "translate" and cfg.class_label is None:
+        raise ConfigError("edit=translate needs the class to translate to: class_label=<name or index>")
     inputs = read_input_images(cfg.image, model.image_size, model.in_channels, names)
     images, count = inputs.images, len(inputs.images)
     seeds = list(range(cfg.seed, cfg.seed + count))
@@ -159,11 +164,6 @@ def edit(cfg: DictConfig, trained: TrainedModel, out: Path, callback) -> tuple[P
         source = inputs.labels if names else None
         if cfg.source_label is not None:
             source = [class_index(cfg.source_label, names or [])] * count
-        if cfg.edit == "translate" and not names:
-            raise ConfigError("edit=translate needs a class-conditional model (trained with model.num_classes=auto); "
-                              "this one is unconditional: use edit=img2img or edit=invert")
-        if cfg.edit == "translate" and cfg.class_label is None:
-            raise ConfigError("edit=translate needs the class to translate to: class_label=<name or index>")
         if source is None and names:
             log.info("the inputs' class is unknown (no class sub-folders, no source_label): inverted with the "
                      "unconditional model")
@@ -200,7 +200,9 @@ def interpolate(cfg: DictConfig, trained: TrainedModel, sampler, names, out: Pat
     if cfg.seeds is None:
         raise ConfigError("edit=interpolate needs the two seeds to go between: seeds=[a,b]")
     labels = None
-    if names and cfg.class_label is not None:
+    if cfg.class_label is not None and not names:
+        raise ConfigError("this model is unconditional (trained without classes): remove class_label")
+    if cfg.class_label is not None:
         wanted = list(cfg.class_label) if OmegaConf.is_list(cfg.class_label) else [cfg.class_label]
         if len(wanted) not in (1, 2):
             raise ConfigError(f"edit=interpolate takes one class or two to go between, got class_label={wanted}")
