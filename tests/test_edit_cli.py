@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,17 +84,28 @@ def test_img2img_strengths_in_one_run_move_further_from_the_input_as_strength_gr
         assert figure.size[1] == 4 * 32 + 5 * 2
 
 
-def test_invert_writes_noise_that_diffusion_sample_turns_back_into_the_reconstruction(checkpoint, inputs, tmp_path):
+def test_invert_writes_noise_that_diffusion_sample_turns_back_into_the_reconstruction(checkpoint, inputs, tmp_path,
+                                                                                      monkeypatch):
     run(checkpoint, tmp_path / "invert", "edit=invert", f"image={inputs}", "sampler.steps=40")
     metrics = json.loads((tmp_path / "invert" / "edit.json").read_text())
     noise = torch.load(tmp_path / "invert" / "noise.pt", weights_only=True)["noise"]
     assert noise.shape == (3, 1, 16, 16)
-    run(checkpoint, tmp_path / "again", f"noise={tmp_path / 'invert' / 'noise.pt'}", "class_label=[3,3,7]",
-        "sampler.eta=0", "sampler.steps=40")
+    # the classes it was inverted with are the default
+    run(checkpoint, tmp_path / "again", f"noise={tmp_path / 'invert' / 'noise.pt'}", "sampler.eta=0",
+        "sampler.steps=40")
     for index, label in enumerate("337"):
         assert torch.equal(png(tmp_path / "again" / "images" / f"{index:06d}.png"),
                            png(tmp_path / "invert" / "images" / label / f"{index:06d}.png"))
     assert metrics["reconstruction_psnr_db"] > 0
+    saved = torch.load(tmp_path / "invert" / "noise.pt", weights_only=True)
+    assert saved["labels"].tolist() == [3, 3, 7]
+    assert [Path(file).name for file in saved["files"]] == ["a.png", "b.png", "c.png"]
+    asked = []  # the classes the sampling asks for: those of the inversion, unless class_label says otherwise
+    monkeypatch.setattr("diffusion.cli.sample.generate", lambda *args, **kwargs: asked.append(args[6]) or
+                        torch.zeros(3, 1, 16, 16))
+    for extra, expected in (([], [3, 3, 7]), (["class_label=5"], [5, 5, 5])):
+        run(checkpoint, tmp_path / "spy", f"noise={tmp_path / 'invert' / 'noise.pt'}", *extra)
+        assert asked.pop() == expected
 
 
 def test_translate_asks_for_the_class_it_translates_to(checkpoint, inputs, tmp_path):

@@ -49,10 +49,12 @@ def sample(cfg: DictConfig) -> Path:
     check_value_types(sampler_config, "sampler")
     sampler = instantiate(sampler_config)
     # the model's own classes: a data set with sub-folders may still have trained an unconditional model
-    latents = read_noise(cfg.noise) if cfg.noise else None
+    latents, inverted_with = read_noise(cfg.noise) if cfg.noise else (None, None)
     wanted = cfg.num_images if latents is None else len(latents)
     labels, label_nrow = resolve_class_labels(cfg.class_label, wanted,
                                               class_names if model.num_classes else None, cfg.nrow or 8)
+    if inverted_with is not None and cfg.class_label is None and model.num_classes:
+        labels = inverted_with  # by default, each image's noise with the class it was inverted with
     num_images = len(labels) if labels is not None else wanted
     if latents is not None and num_images != len(latents):
         raise ConfigError(f"noise={cfg.noise} holds {len(latents)} images' noise but class_label asks for {num_images} "
@@ -96,15 +98,17 @@ def edit_with(cfg: DictConfig, trained) -> Path:
     return figure
 
 
-def read_noise(path: str) -> torch.Tensor:
-    """The starting noise a ``edit=invert`` run wrote (its ``noise.pt``)."""
+def read_noise(path: str) -> tuple[torch.Tensor, list[int] | None]:
+    """The starting noise an ``edit=invert`` run wrote (its ``noise.pt``), and the class each image was inverted with
+    (None: the unconditional model)."""
     from diffusion.engine.checkpoint import read_file
 
     saved = read_file(path)
     if not isinstance(saved, dict) or not torch.is_tensor(saved.get("noise")):
         raise ConfigError(f"noise={path} is not a noise.pt written by edit=invert: give the noise.pt in the folder "
-                          "of a edit=invert run")
-    return saved["noise"]
+                          "of an edit=invert run")
+    labels = saved.get("labels")
+    return saved["noise"], (labels.tolist() if torch.is_tensor(labels) else None)
 
 
 def sample_a_cascade(cfg: DictConfig) -> Path:

@@ -168,7 +168,8 @@ def edit(cfg: DictConfig, trained: TrainedModel, out: Path, callback) -> tuple[P
             log.info("the inputs' class is unknown (no class sub-folders, no source_label): inverted with the "
                      "unconditional model")
         latents = editing.invert_images(trained, sampler, images, source, batch_size=cfg.batch_size)
-        torch.save({"noise": latents, "files": [str(file) for file in inputs.files]}, out / "noise.pt")
+        torch.save({"noise": latents, "labels": None if source is None else torch.tensor(source),
+                    "files": [str(file) for file in inputs.files]}, out / "noise.pt")
         if cfg.edit == "invert":
             outputs = editing.regenerate(trained, sampler, latents, seeds, source, callback=callback,
                                          batch_size=cfg.batch_size)
