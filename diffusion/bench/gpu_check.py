@@ -15,7 +15,8 @@ median ``data_wait``); ``gpu_check.json`` holds the same.
 Its companion is the GPU tier of the tests, ``pytest -m gpu`` (tests/test_gpu.py, a few minutes): the same CUDA
 paths checked for correctness with tiny models (bf16 and fp16 steps with a skipped non-finite one, the scaler's
 state, channels-last and compiled steps against eager ones, one-process NCCL DDP against no DDP, a CUDA checkpoint
-resumed on the CPU, GPU samples against CPU ones). This script measures their speed; run both on a new machine.
+resumed on the CPU, GPU samples and edits (inpainting, inversion) against CPU ones). This script measures the
+training paths' speed; run both on a new machine.
 """
 
 from __future__ import annotations
