@@ -151,14 +151,14 @@ def edit(cfg: DictConfig, trained: TrainedModel, out: Path, callback) -> tuple[P
                                                                cfg.repaint.jump_length)) - 1
         rows += [torch.where(known, images, torch.zeros_like(images)), outputs]
     elif cfg.edit == "img2img":
-        metrics["rms_distance_to_input"] = {}
+        metrics["rms_distance_to_input"], several = {}, len(strengths(cfg)) > 1
         for strength in strengths(cfg):
             outputs = editing.img2img(trained, sampler, images, strength, seeds, labels, callback=callback, **common)
             metrics["rms_distance_to_input"][f"{strength:g}"] = rms_distance(outputs, images).mean().item()
             rows.append(outputs)
-            if len(strengths(cfg)) > 1:
+            if several:
                 save_outputs(outputs, labels, names, out / "images" / f"strength_{strength:g}", cfg.upscale)
-        if len(strengths(cfg)) > 1:
+        if several:
             return write(cfg, out, rows, None, labels, names, metrics)
     else:  # invert, translate: the ODE backwards with each input's own class, then forwards
         source = inputs.labels if names else None

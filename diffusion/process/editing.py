@@ -15,10 +15,11 @@ import torch
 
 from diffusion.errors import ConfigError
 from diffusion.process.generate import check_guidance, generate, make_denoiser
-from diffusion.process.img2img import img2img_start
+from diffusion.process.img2img import img2img_start, img2img_step
 from diffusion.process.interpolation import interpolated_labels, slerp
 from diffusion.process.inversion import invert
 from diffusion.process.samplers import image_generators, randn_per_image
+from diffusion.process.samplers.levels import sampler_levels
 from diffusion.weights.trained_model import TrainedModel
 
 Callback = Callable[[dict], None] | None
@@ -51,7 +52,7 @@ def img2img(trained: TrainedModel, sampler: functools.partial, images: torch.Ten
             batch_size: int = 64, callback: Callback = None) -> torch.Tensor:
     """SDEdit (Meng et al. 2022): each image noised to the level ``strength`` of the sampler's grid, then sampled."""
     check_inputs(trained, images)
-    _, start_step = img2img_start(images[:1], images[:1], sampler, trained.schedule, strength)
+    start_step = img2img_step(len(sampler_levels(sampler, trained.schedule)) - 1, strength)
 
     def start(noise: torch.Tensor, rows: slice) -> torch.Tensor:
         return img2img_start(images[rows].to(noise.device), noise, sampler, trained.schedule, strength)[0]

@@ -106,17 +106,16 @@ def generate(
     images = []
     try:
         for first in range(0, len(seeds), batch_size):
-            batch_seeds = seeds[first : first + batch_size]
-            generators = image_generators(batch_seeds)
-            x = randn_per_image(torch.empty(len(batch_seeds), *image_shape, device=device), generators)
+            rows = slice(first, first + batch_size)
+            generators = image_generators(seeds[rows])
+            x = randn_per_image(torch.empty(len(generators), *image_shape, device=device), generators)
             if start is not None:
-                x = start(x, slice(first, first + batch_size))
+                x = start(x, rows)
             labels = None
             if class_labels is not None:
-                chosen = class_labels[first : first + batch_size]
+                chosen = class_labels[rows]
                 labels = chosen.to(device) if torch.is_tensor(chosen) else torch.as_tensor(chosen, device=device,
                                                                                             dtype=torch.long)
-            rows = slice(first, first + batch_size)
             denoiser = make_denoiser(model, objective, schedule, labels, guidance_scale,
                                      rows_of(model_inputs, rows, device))
             images.append(sampler(denoiser, x, schedule, generators, callback=callback,

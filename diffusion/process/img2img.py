@@ -30,16 +30,20 @@ def img2img_start(image: torch.Tensor, noise: torch.Tensor, sampler: functools.p
     sample the sampler draws from ``noise``; a strength rounding to no step (0 among them) returns ``image`` and
     ``steps``, which the sampler returns unchanged. ``round`` takes halves to even.
     """
-    check_strength(strength)
     levels = sampler_levels(sampler, schedule)
-    steps = len(levels) - 1
+    start_step = img2img_step(len(levels) - 1, strength)
     if strength == 1.0:
         return noise, 0
-    start_step = steps - round(strength * steps)
-    if start_step == steps:
-        return image, steps
+    if start_step == len(levels) - 1:
+        return image, start_step
     sigma = levels[start_step]
     return (image + sigma * noise) / math.sqrt(1.0 + sigma**2), start_step
+
+
+def img2img_step(steps: int, strength: float) -> int:
+    """The step of a ``steps``-step grid SDEdit starts from: steps - round(strength * steps), halves to even."""
+    check_strength(strength)
+    return steps - round(strength * steps)
 
 
 def check_strength(strength: float) -> None:
